@@ -1,0 +1,223 @@
+"""The one interface every method implements; the runner drives it.
+
+A model never walks folders, writes files or shows progress. It does four things:
+
+- ``preparer()``: a picklable callable ``Item -> Sample`` that runs in DataLoader workers on the
+  CPU (decode, sample frames, crops). Any randomness is seeded from ``item.seed(run_seed)`` so
+  the same file always gives the same sample.
+- ``collate(samples) -> batch``: a dict of tensors (default: stack every input along dim 0).
+- ``forward(batch) -> outputs``: a dict of tensors whose dim 0 is the file index in the batch.
+  The runner moves the batch to the device and wraps the call in autocast.
+- ``postprocess(outputs, samples) -> [Output]``: one Output per sample, with the row's columns
+  (at least ``score``) and artefact images (heatmap/mask/uncertainty as uint8 arrays).
+
+Weights: ``load(weights, registry)`` sets up parameters and returns the ``weights_id`` and the
+``head`` state written in every row ("trained", "zero-shot" or "random").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What `qscore models` lists and what the runner needs to know about a method."""
+
+    name: str  # CLI name, e.g. "qclip"
+    task: str  # "image" | "video" | "forgery"
+    summary: str  # one line for `qscore models`
+    paper: str  # arXiv id or citation
+    licence: str  # licence of the official weights / code it builds on
+    weights_keys: tuple[str, ...] = ()  # weights.toml keys it can load
+    lower_better: bool = False
+    score_range: str = "[0, 1]"  # documented direction and range (USERS.md #8)
+    columns: dict[str, pa.DataType] = field(default_factory=dict)  # extra per-model columns
+    artefacts: tuple[str, ...] = ()  # subset of ("heatmap", "mask", "uncertainty")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file to score, as discovery found it. ``path`` is the real file-system path (it may
+    hold undecodable bytes as surrogates); ``display`` is the same path safe for Parquet/logs."""
+
+    path: str
+    rel_path: str
+    size: int
+    mtime: float
+    reference: str | None = None  # CIML: the authentic source image
+    mask: str | None = None  # training only: ground-truth forgery mask
+    error: str | None = None  # discovery already knows this file is bad (e.g. symlink loop)
+
+    @property
+    def display(self) -> str:
+        return safe_text(self.path)
+
+    def seed(self, run_seed: int = 0) -> int:
+        """A 63-bit seed fixed by the file (relative path and size) and the run's --seed."""
+        key = f"{safe_text(self.rel_path)}\0{self.size}\0{run_seed}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+
+def safe_text(s: str) -> str:
+    """A str that encodes as UTF-8: undecodable file-name bytes become \\xNN escapes."""
+    return os.fsencode(s).decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class Sample:
+    """What a worker hands to the main process for one file.
+
+    ``inputs``: tensors for ``collate`` (per file, no batch dim). ``facts``: media columns
+    (width, height, n_frames, fps, duration_s, frames_used, decoder, decode_warnings, decode_ms).
+    ``keep``: CPU-side things ``postprocess`` needs (original size, a preview frame for an
+    overlay, ...).
+    """
+
+    item: Item
+    inputs: dict[str, torch.Tensor]
+    facts: dict[str, Any] = field(default_factory=dict)
+    keep: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Output:
+    """One file's result: row ``columns`` (``score`` and the model's own columns) and artefact
+    images keyed by kind ("heatmap", "mask", "uncertainty"): uint8 (H, W) or (H, W, 3)."""
+
+    columns: dict[str, Any]
+    artefacts: dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # float maps for optional .npz
+
+
+class MissingWeights(RuntimeError):
+    """A weights file the run needs is not available; the CLI turns it into exit code 2."""
+
+
+class Model(nn.Module):
+    """Base class of the five methods. Subclasses set ``spec`` and ``Config`` (a dataclass) and
+    ``presets`` (name -> Config kwargs); the first preset is the default."""
+
+    spec: ClassVar[ModelSpec]
+    Config: ClassVar[type]
+    presets: ClassVar[dict[str, dict[str, Any]]]
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def make_config(cls, preset: str | None = None, **overrides: Any) -> Any:
+        """The preset's Config with ``overrides`` applied (unknown keys are an error)."""
+        preset = preset or next(iter(cls.presets))
+        if preset not in cls.presets:
+            raise ValueError(
+                f"unknown preset {preset!r} for {cls.spec.name}; choose from {', '.join(cls.presets)}"
+            )
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) for {cls.spec.name}: {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(fields))}"
+            )
+        values = {**cls.presets[preset], **overrides}
+        return cls.Config(**{k: coerce(v, fields[k].type, fields[k].default) for k, v in values.items()})
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes a score; part of the resume key."""
+        blob = json.dumps(
+            {"model": self.spec.name, "config": dataclasses.asdict(self.config)}, sort_keys=True, default=str
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # ---- weights --------------------------------------------------------------------------
+    def load(self, weights: str | None, registry: Any) -> tuple[str, str]:
+        """Set parameters from ``weights`` and return ``(weights_id, head)``.
+
+        ``"random"``: keep the random initialisation (rows say so). A path to a ``.safetensors``
+        file: a checkpoint written by ``qscore train`` (JSON card beside it). ``None``: the
+        official weights from the registry (``load_official``).
+        """
+        if weights == "random":
+            return "random", "random"
+        if weights is None:
+            return self.load_official(registry)
+        from qscore.weights import load_checkpoint
+
+        state, card = load_checkpoint(weights, expect_model=self.spec.name)
+        self.load_trained(state, card, registry)
+        return card["weights_id"], "trained"
+
+    def load_official(self, registry: Any) -> tuple[str, str]:
+        """Load the official weights named in weights.toml; raise MissingWeights if absent."""
+        raise MissingWeights(
+            f"{self.spec.name} has no official trained weights: train a head with "
+            f"`qscore train {self.spec.name}` and pass --weights FILE, or use --weights random"
+        )
+
+    def load_trained(self, state: dict[str, torch.Tensor], card: dict, registry: Any) -> None:
+        """Load a ``qscore train`` checkpoint. By default: the frozen parts from the official
+        backbone when the card says it was used, then the saved tensors on top (strict on them)."""
+        if card.get("backbone") == "official":
+            self.load_official(registry)
+        missing = set(state) - set(self.state_dict())
+        if missing:
+            raise ValueError(f"checkpoint has tensors this model does not: {sorted(missing)[:5]}")
+        self.load_state_dict(state, strict=False)
+
+    # ---- the four steps -----------------------------------------------------------------
+    def preparer(self, train: bool = False) -> Callable[[Item], Sample]:
+        """Picklable ``Item -> Sample`` for DataLoader workers; ``train=True`` may augment
+        (random crops) and must then add what ``training_loss`` needs (e.g. the mask)."""
+        raise NotImplementedError
+
+    def collate(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        keys = samples[0].inputs.keys()
+        return {k: torch.stack([s.inputs[k] for s in samples]) for k in keys}
+
+    def postprocess(self, outputs: dict[str, torch.Tensor], samples: Sequence[Sample]) -> list[Output]:
+        return [Output({"score": float(outputs["score"][i])}) for i in range(len(samples))]
+
+    # ---- training -------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters ``qscore train`` optimises (frozen backbones excluded)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def training_loss(self, batch: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """One training step's loss; quality models: PLCC + 0.3 x rank on the scores (fp32)."""
+        from qscore.train.losses import plcc_rank_loss
+
+        return plcc_rank_loss(self(batch)["score"].float(), targets.float())
+
+
+def coerce(value: Any, annotation: Any, default: Any) -> Any:
+    """Turn a CLI string (``--set key=value``) into the field's type, judged by its default."""
+    if not isinstance(value, str) or isinstance(default, str) or default is None and "str" in str(annotation):
+        return value
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, tuple):
+        parts = [p for p in value.replace("x", ",").split(",") if p]
+        kind = type(default[0]) if default else str
+        return tuple(kind(p) for p in parts)
+    return value
