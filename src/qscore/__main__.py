@@ -1,0 +1,3 @@
+from qscore.cli import app
+
+app(prog_name="qscore")

@@ -1,0 +1,301 @@
+"""The `qscore` command line: thin; parses options into a RunConfig and calls the runner."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qscore import __version__, registry
+from qscore.runner import EXIT_USAGE, RunConfig, run
+
+app = typer.Typer(
+    help=(
+        "Batch media quality and image integrity assessment on the GPU.\n\n"
+        "Examples:\n\n"
+        "  qscore image ./photos --model rsfiqa\n\n"
+        "  qscore video ./clips --model mvqa --csv\n\n"
+        "  qscore forgery ./images --mode iml\n\n"
+        "  qscore forgery --mode ciml --pairs pairs.csv\n\n"
+        "  qscore models\n\n"
+        "Exit codes: 0 all files ok, 1 some files failed (their rows say why), 2 usage or "
+        "configuration error."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+)
+
+Paths = Annotated[Optional[list[str]], typer.Argument(help="Files, folders (walked recursively) or .txt/.csv manifests of paths.", show_default=False)]
+Model = Annotated[str, typer.Option("--model", "-m", help="Model name (see `qscore models`).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+Csv = Annotated[bool, typer.Option("--csv", help="Also write a CSV twin of the Parquet table.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Batch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Files per GPU batch (halved on CUDA out-of-memory).")]
+Workers = Annotated[int, typer.Option("--workers", "-j", help="CPU decode workers; -1 = one per core (max 8), 0 = in-process.")]
+Weights = Annotated[Optional[str], typer.Option("--weights", help="'random', a checkpoint from `qscore train` (.safetensors), or omit for the official weights in weights.toml.")]
+Registry_ = Annotated[Optional[str], typer.Option("--registry", help="weights.toml to use (default: $QSCORE_WEIGHTS, ./weights.toml, packaged).")]
+Preset = Annotated[Optional[str], typer.Option("--preset", help="Model size preset, e.g. default or tiny (see `qscore models`).")]
+Set = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Model option KEY=VALUE (repeatable), e.g. --set frames=16.")]
+Force = Annotated[bool, typer.Option("--force", help="Re-score files already scored ok with the same model, weights and options.")]
+Ext = Annotated[Optional[list[str]], typer.Option("--ext", help="Only these extensions when walking folders (repeatable), e.g. --ext mp4 --ext mkv.")]
+Seed = Annotated[int, typer.Option("--seed", help="Run seed: random weights and per-file sampling derive from it.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors that stop the run.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log every failed file as a warning, and debug details.")]
+MaxFiles = Annotated[Optional[int], typer.Option("--max-files", min=0, help="Score at most this many files (of those not done yet).")]
+Npz = Annotated[bool, typer.Option("--npz", help="Also save float maps (probability, uncertainty, heat) as .npz under arrays/.")]
+
+
+def _run(task: str, paths: list[str] | None, model: str, **opts) -> None:
+    _logging(opts["quiet"], opts["verbose"])
+    sets = opts.pop("sets") or []
+    overrides = {}
+    for kv in sets:
+        if "=" not in kv:
+            _usage(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        overrides[k.strip().replace("-", "_")] = v.strip()
+    overrides.update(opts.pop("extra", {}))
+    if not paths and not opts.get("pairs"):
+        _usage("give at least one PATH" + (" (or --pairs CSV)" if task == "forgery" else ""))
+    exts = tuple(opts.pop("ext") or ()) or None
+    cfg = RunConfig(task=task, model=model, inputs=list(paths or []), exts=exts, **opts)
+    raise typer.Exit(run(cfg))
+
+
+@app.command(no_args_is_help=True)
+def image(
+    paths: Paths = None, model: Model = "rsfiqa", out: Out = Path("qscore-out"), csv: Csv = False,
+    device: Device = "auto", batch_size: Batch = 16, workers: Workers = -1, weights: Weights = None,
+    registry_file: Registry_ = None, preset: Preset = None, sets: Set = None, force: Force = False,
+    ext: Ext = None, seed: Seed = 0, quiet: Quiet = False, verbose: Verbose = False,
+    max_files: MaxFiles = None, npz: Npz = False,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", help="RSFIQA feature backbone (any timm or torchvision name), e.g. resnet50.")] = None,
+) -> None:
+    """Score image quality, one row per image.
+
+    Examples:
+
+      qscore image ./photos --model rsfiqa
+
+      qscore image list.txt --model rsfiqa --backbone resnet50 --csv --out results/
+    """
+    _run("image", paths, model, out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
+         weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
+         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz,
+         extra={"backbone": backbone} if backbone else {})
+
+
+@app.command(no_args_is_help=True)
+def video(
+    paths: Paths = None, model: Model = "mvqa", out: Out = Path("qscore-out"), csv: Csv = False,
+    device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = None,
+    registry_file: Registry_ = None, preset: Preset = None, sets: Set = None, force: Force = False,
+    ext: Ext = None, seed: Seed = 0, quiet: Quiet = False, verbose: Verbose = False,
+    max_files: MaxFiles = None, npz: Npz = False,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="Frame sampler: uniform or framediff (models that sample frames).")] = None,
+) -> None:
+    """Score video quality, one row per video (mvqa, qclip, clifvqa).
+
+    Examples:
+
+      qscore video ./clips --model mvqa
+
+      qscore video ./clips --model qclip --sampler framediff --batch-size 16
+    """
+    _run("video", paths, model, out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
+         weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
+         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz,
+         extra={"sampler": sampler} if sampler else {})
+
+
+@app.command(no_args_is_help=True)
+def forgery(
+    paths: Paths = None,
+    mode: Annotated[str, typer.Option("--mode", help="iml: find manipulated pixels in an image; ciml: given its authentic source too.")] = "iml",
+    pairs: Annotated[Optional[str], typer.Option("--pairs", help="CIML manifest CSV with columns forged,reference (then no PATH is needed).")] = None,
+    out: Out = Path("qscore-out"), csv: Csv = False, device: Device = "auto", batch_size: Batch = 8,
+    workers: Workers = -1, weights: Weights = None, registry_file: Registry_ = None, preset: Preset = None,
+    sets: Set = None, force: Force = False, ext: Ext = None, seed: Seed = 0, quiet: Quiet = False,
+    verbose: Verbose = False, max_files: MaxFiles = None, npz: Npz = False,
+) -> None:
+    """Localise image manipulations (UGD-IML): mask, uncertainty and forgery score per image.
+
+    CIML pairs come from --pairs CSV or the folder convention: <stem>.ref.<ext> beside
+    <stem>.<ext> is the authentic source (.ref. files are never scored themselves).
+
+    Examples:
+
+      qscore forgery ./images --mode iml --weights run/best.safetensors
+
+      qscore forgery --mode ciml --pairs pairs.csv --npz
+    """
+    if mode not in ("iml", "ciml"):
+        _usage(f"--mode must be iml or ciml, not {mode!r}")
+    if pairs and mode != "ciml":
+        _usage("--pairs is for --mode ciml")
+    _run("forgery", paths, "ugdiml", out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
+         weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
+         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, pairs=pairs, extra={"mode": mode})
+
+
+@app.command()
+def models() -> None:
+    """List the models: task, parameters (total / trainable), presets, weights keys, licence.
+
+    Example:
+
+      qscore models
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="qscore models")
+    for col in ("model", "task", "params (default preset)", "trainable", "presets", "weights keys", "licence", "score"):
+        table.add_column(col)
+    for name in registry.names():
+        try:
+            cls = registry.get(name)
+        except Exception as e:  # noqa: BLE001 - a broken optional dependency must not hide the rest
+            table.add_row(name, "?", f"unavailable: {e}", "", "", "", "", "")
+            continue
+        total, trainable = _count(cls)
+        s = cls.spec
+        table.add_row(name, s.task, total, trainable, ", ".join(cls.presets), ", ".join(s.weights_keys), s.licence,
+                      f"{s.score_range}, {'lower' if s.lower_better else 'higher'} is better")
+    Console().print(table)
+
+
+def _count(cls) -> tuple[str, str]:
+    """Parameter counts without allocating memory (meta device)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = cls(cls.make_config())
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.trainable_parameters())
+        return f"{total / 1e6:.2f} M", f"{trainable / 1e6:.3f} M"
+    except Exception:  # noqa: BLE001
+        return "?", "?"
+
+
+weights_app = typer.Typer(help="The weights registry (weights.toml): list, pull, verify, path.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+RegistryOpt = Annotated[Optional[str], typer.Option("--registry", help="weights.toml to use.")]
+
+
+def _registry(path: str | None):
+    from qscore.weights import Registry
+
+    try:
+        return Registry.load(path)
+    except Exception as e:  # noqa: BLE001
+        _usage(f"cannot read weights registry: {e}")
+
+
+@weights_app.command("list")
+def weights_list(registry_file: RegistryOpt = None) -> None:
+    """Every entry: key, source, licence, used by, cached or not.
+
+    Example:
+
+      qscore weights list
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = _registry(registry_file).rows()
+    table = Table(title="weights")
+    for col in rows[0] if rows else ():
+        table.add_column(str(col))
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+
+
+@weights_app.command("pull")
+def weights_pull(keys: Annotated[list[str], typer.Argument(help="weights.toml keys")], registry_file: RegistryOpt = None) -> None:
+    """Download entries into the cache ($QSCORE_HOME) and verify their sha256.
+
+    Example:
+
+      qscore weights pull sam-vit-b clip-vit-b16-openai
+    """
+    from qscore.models.base import MissingWeights
+
+    reg, failed = _registry(registry_file), False
+    for key in keys:
+        try:
+            typer.echo(f"{key}: {reg.pull(key)}")
+        except (MissingWeights, KeyError, OSError, ValueError) as e:
+            typer.echo(f"{key}: {e}", err=True)
+            failed = True
+    raise typer.Exit(EXIT_USAGE if failed else 0)
+
+
+@weights_app.command("verify")
+def weights_verify(keys: Annotated[Optional[list[str]], typer.Argument(help="keys (default: every cached one)")] = None, registry_file: RegistryOpt = None) -> None:
+    """Re-hash cached files against weights.toml.
+
+    Example:
+
+      qscore weights verify
+    """
+    reg, bad = _registry(registry_file), False
+    for key in keys or [k for k in reg.keys() if reg.cache_path(k).exists()]:
+        ok, message = reg.verify(key)
+        typer.echo(f"{key}: {message}")
+        bad |= not ok
+    raise typer.Exit(1 if bad else 0)
+
+
+@weights_app.command("path")
+def weights_path(key: Annotated[str, typer.Argument(help="weights.toml key")], registry_file: RegistryOpt = None) -> None:
+    """Print where a weights file is (or must be placed, for offline machines).
+
+    Example:
+
+      qscore weights path sam-vit-b
+    """
+    reg = _registry(registry_file)
+    try:
+        typer.echo(str(reg.cache_path(key)))
+    except KeyError as e:
+        _usage(str(e.args[0]))
+
+
+def _register_training() -> None:
+    """`train`, `eval` and `synth` live with the training code."""
+    try:
+        from qscore.train.commands import eval_command, synth_command, train_command
+    except ImportError:  # TODO(lead): remove once qscore.train.commands lands
+        return
+
+    app.command("train", no_args_is_help=True)(train_command)
+    app.command("eval", no_args_is_help=True)(eval_command)
+    app.command("synth", no_args_is_help=True)(synth_command)
+
+
+@app.callback(invoke_without_command=True)
+def main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        typer.echo(f"qscore {__version__}")
+        raise typer.Exit(0)
+
+
+def _usage(message: str) -> None:
+    typer.echo(f"qscore: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _logging(quiet: bool, verbose: bool) -> None:
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s qscore %(levelname)s %(message)s", stream=sys.stderr, force=True)
+
+
+_register_training()

@@ -1,0 +1,495 @@
+"""The one batched inference engine: every model runs through ``run``.
+
+discover -> resume filter -> DataLoader workers (model.preparer: decode + sample on the CPU)
+-> collate -> pinned, non-blocking copy -> forward under autocast -> postprocess -> sinks.
+
+The GPU is kept busy by a one-batch lookahead: batch n+1 is collated and copied while batch n's
+forward runs, and batch n's results are fetched and written after n+1 is launched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from qscore import __version__, registry
+from qscore.discover import DiscoveryError, discover
+from qscore.models.base import Item, MissingWeights, Model, Output, Sample, safe_text
+from qscore.sinks import (
+    LockedError,
+    OutputLock,
+    TableSink,
+    done_keys,
+    schema_for,
+    write_arrays,
+    write_artefacts,
+    write_summary,
+)
+
+log = logging.getLogger("qscore")
+
+EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad options, unknown model, missing weights, unwritable output: exit code 2."""
+
+
+@dataclass
+class RunConfig:
+    task: str  # image | video | forgery
+    model: str
+    inputs: list[str]
+    out: Path = Path("qscore-out")
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set key=value (model Config)
+    weights: str | None = None  # None: official; "random"; or a qscore checkpoint file
+    registry: str | None = None  # weights.toml to use instead of the default resolution
+    device: str = "auto"
+    batch_size: int = 8
+    workers: int = -1  # -1: one per CPU core, at most 8
+    exts: tuple[str, ...] | None = None
+    pairs: str | None = None  # CIML manifest
+    force: bool = False
+    seed: int = 0
+    max_files: int | None = None
+    csv: bool = False
+    save_npz: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+
+@dataclass
+class Failure:
+    """A file whose preparation failed in a worker."""
+
+    item: Item
+    error: str
+    decode_ms: float = 0.0
+
+
+class Prepared(Dataset):
+    """Items -> Sample or Failure. Runs in DataLoader workers; never raises, so one bad file
+    never takes down a batch, and times the decode for the row's ``decode_ms``."""
+
+    def __init__(self, items: Sequence[Item], prepare: Callable[[Item], Sample]):
+        self.items, self.prepare = items, prepare
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample | Failure:
+        item = self.items[i]
+        if item.error:
+            return Failure(item, f"InputError: {item.error}")
+        t0 = time.perf_counter()
+        try:
+            sample = self.prepare(item)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a row
+            return Failure(item, describe(e), (time.perf_counter() - t0) * 1e3)
+        sample.facts.setdefault("decode_ms", (time.perf_counter() - t0) * 1e3)
+        return sample
+
+
+def describe(e: BaseException) -> str:
+    """``Type: message`` with file-system errors made readable."""
+    if isinstance(e, FileNotFoundError):
+        return "FileNotFoundError: file vanished or does not exist"
+    if isinstance(e, PermissionError):
+        return "PermissionError: permission denied"
+    msg = safe_text(str(e)).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else 'no message'}"
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise UsageError(f"bad --device {spec!r}: use auto, cpu or cuda[:N]") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
+    """Model class + config + weights -> (model on device in eval mode, weights_id, head)."""
+    from qscore.weights import Registry
+
+    try:
+        cls = registry.get(cfg.model)
+    except KeyError as e:
+        raise UsageError(str(e.args[0])) from e
+    if cls.spec.task != cfg.task:
+        raise UsageError(f"model {cfg.model!r} is a {cls.spec.task} model; use `qscore {cls.spec.task}`")
+    overrides = dict(cfg.overrides)
+    preset = cfg.preset
+    if cfg.weights not in (None, "random"):
+        if not Path(cfg.weights).is_file():
+            raise UsageError(f"--weights {cfg.weights}: no such file (or use 'random')")
+        card = json.loads(Path(cfg.weights).with_suffix(".json").read_text())
+        preset = preset or card.get("preset")
+        overrides = {**card.get("config", {}), **overrides}
+    try:
+        config = cls.make_config(preset, **overrides)
+        torch.manual_seed(cfg.seed)  # random weights are reproducible too
+        model = cls(config)
+        weights_id, head = model.load(cfg.weights, Registry.load(cfg.registry))
+    except MissingWeights as e:
+        raise UsageError(str(e)) from e
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{cfg.model}: {e}") from e
+    return model.to(device).eval(), weights_id, head
+
+
+def run(cfg: RunConfig) -> int:
+    """Score every input; returns the exit code (0 ok, 1 some files failed, 2 usage error)."""
+    started = time.time()
+    try:
+        device = pick_device(cfg.device)
+        model, weights_id, head = build_model(cfg, device)
+        items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=_mode(model) == "ciml", pairs=cfg.pairs)
+        prepare_out(cfg.out)
+    except (UsageError, DiscoveryError) as e:
+        log.error("qscore: %s", e)
+        return EXIT_USAGE
+    spec = model.spec
+    stem = spec.name if spec.task != "forgery" else f"{spec.name}-{_mode(model)}"
+    sink = TableSink(cfg.out, stem, schema_for(spec.columns))
+    try:
+        with OutputLock(cfg.out / f"{stem}.lock"):
+            stats = _score(cfg, model, device, items, sink, weights_id, head)
+            table = sink.compact(csv=cfg.csv)
+    except LockedError as e:
+        log.error("qscore: %s", e)
+        return EXIT_USAGE
+    code = EXIT_FAILED_FILES if stats["error"] else EXIT_OK
+    summary = {
+        "model": spec.name,
+        "mode": _mode(model),
+        "task": spec.task,
+        "preset": cfg.preset or next(iter(type(model).presets)),
+        "weights_id": weights_id,
+        "head": head,
+        "config_hash": model.config_hash(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **stats,
+        "rows_in_table": 0 if table is None else table.num_rows,
+        "table": str(sink.table_path),
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": round(time.time() - started, 3),
+        "exit_code": code,
+        "qscore_version": __version__,
+    }
+    write_summary(cfg.out / f"{stem}.summary.json", summary)
+    report(summary, quiet=cfg.quiet)
+    return code
+
+
+def prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".qscore-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from e
+
+
+def _mode(model: Model) -> str | None:
+    return getattr(model.config, "mode", None)
+
+
+def _score(
+    cfg: RunConfig, model: Model, device: torch.device, items: list[Item], sink: TableSink, weights_id: str, head: str
+) -> dict[str, Any]:
+    """Resume filter, then the batched loop. Returns counts and throughput."""
+    config_hash = model.config_hash()
+    done = set() if cfg.force else done_keys(sink.existing())
+    key = lambda it: (safe_text(it.rel_path), it.size, it.mtime, model.spec.name, weights_id, config_hash)  # noqa: E731
+    todo = [it for it in items if key(it) not in done]
+    if cfg.max_files is not None:
+        todo = todo[: cfg.max_files]
+    stats = {"discovered": len(items), "skipped": len(items) - len(todo), "ok": 0, "error": 0}
+    base = {
+        "task": model.spec.task,
+        "model": model.spec.name,
+        "mode": _mode(model),
+        "preset": cfg.preset or next(iter(type(model).presets)),
+        "weights_id": weights_id,
+        "head": head,
+        "config_hash": config_hash,
+        "lower_better": model.spec.lower_better,
+        "qscore_version": __version__,
+    }
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine = _Engine(cfg, model, device, sink, base, stats)
+    t0 = time.perf_counter()
+    with Progress(len(todo), enabled=cfg.progress, quiet=cfg.quiet) as progress:
+        engine.progress = progress
+        if todo:
+            engine.drive(todo)
+    elapsed = time.perf_counter() - t0
+    scored = stats["ok"] + stats["error"]
+    stats.update(
+        scored=scored,
+        files_per_s=round(scored / elapsed, 3) if elapsed > 0 else None,
+        batch_size=engine.batch_size,
+        peak_gpu_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+    )
+    return stats
+
+
+class _Engine:
+    """The loop over batches: lookahead, OOM back-off, per-file isolation of model errors."""
+
+    def __init__(self, cfg, model, device, sink, base, stats):
+        self.cfg, self.model, self.device, self.sink, self.base, self.stats = cfg, model, device, sink, base, stats
+        self.batch_size = max(1, cfg.batch_size)
+        self.autocast = device.type == "cuda"
+        self.progress: Progress | None = None
+
+    def drive(self, todo: list[Item]) -> None:
+        workers = self.cfg.workers if self.cfg.workers >= 0 else min(8, os.cpu_count() or 1)
+        loader = DataLoader(
+            Prepared(todo, self.model.preparer()),
+            batch_size=self.batch_size,
+            num_workers=workers,
+            collate_fn=list,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
+        pending = None
+        for chunk in loader:
+            failures = [s for s in chunk if isinstance(s, Failure)]
+            samples = [s for s in chunk if isinstance(s, Sample)]
+            self._write([self._error_row(f.item, f.error, {"decode_ms": f.decode_ms}) for f in failures], [])
+            for group in self._groups(samples):
+                launched = self._launch(group)
+                if pending is not None:
+                    self._finish(*pending)
+                pending = launched
+        if pending is not None:
+            self._finish(*pending)
+
+    def _groups(self, samples: list[Sample]):
+        for i in range(0, len(samples), self.batch_size):
+            yield samples[i : i + self.batch_size]
+
+    def _launch(self, samples: list[Sample]):
+        """Collate, copy and start the forward; returns what ``_finish`` needs."""
+        try:
+            batch = self.model.collate(samples)
+            if self.device.type == "cuda":
+                batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+            timer = _Timer(self.device)
+            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                outputs = self.model(batch)
+            timer.stop()
+            return samples, outputs, timer, None
+        except torch.cuda.OutOfMemoryError:
+            if len(samples) == 1:
+                return samples, None, None, "OutOfMemoryError: one file does not fit in GPU memory"
+            torch.cuda.empty_cache()
+            self.batch_size = max(1, len(samples) // 2)
+            log.warning("CUDA out of memory at batch %d: retrying with batch %d", len(samples), self.batch_size)
+            return self._split(samples)
+        except Exception as e:  # noqa: BLE001
+            if len(samples) == 1:
+                return samples, None, None, describe(e)
+            return self._split(samples, isolate=True)
+
+    def _split(self, samples: list[Sample], isolate: bool = False):
+        """Rerun ``samples`` in halves (OOM) or one by one (to find the file that broke the
+        batch); results are finished at once, so this returns an empty launch."""
+        size = 1 if isolate else self.batch_size
+        for i in range(0, len(samples), size):
+            self._finish(*self._launch(samples[i : i + size]))
+        return [], None, None, None
+
+    def _finish(self, samples, outputs, timer, error) -> None:
+        if not samples:
+            return
+        if error is not None:
+            self._write([self._error_row(s.item, error, s.facts) for s in samples], [])
+            return
+        outputs = {k: v.float().cpu() if torch.is_tensor(v) else v for k, v in outputs.items()}
+        per_file_ms = timer.elapsed_ms() / len(samples)
+        rows, writes = [], []
+        try:
+            results = self.model.postprocess(outputs, samples)
+        except Exception as e:  # noqa: BLE001
+            self._write([self._error_row(s.item, f"postprocess: {describe(e)}", s.facts) for s in samples], [])
+            return
+        for sample, result in zip(samples, results):
+            rows.append(self._ok_row(sample, result, per_file_ms))
+        self._write(rows, results)
+
+    def _write(self, rows: list[dict], results: list[Output]) -> None:
+        if not rows:
+            return
+        for row, result in zip(rows, results):
+            try:
+                paths = write_artefacts(self.cfg.out, row["rel_path"], result.artefacts)
+                for kind, rel in paths.items():
+                    row[f"{kind}_path"] = rel
+                if self.cfg.save_npz:
+                    write_arrays(self.cfg.out, row["rel_path"], result.arrays)
+            except OSError as e:
+                row.update(status="error", error=f"cannot write artefact: {e.strerror or e}")
+        self.sink.append(rows)
+        for row in rows:
+            self.stats[row["status"]] += 1
+            if row["status"] == "error" and not self.cfg.quiet:
+                (log.warning if self.cfg.verbose else log.info)("error: %s: %s", row["path"], row["error"])
+        if self.progress is not None:
+            self.progress.advance(len(rows), sum(r["status"] == "error" for r in rows))
+
+    def _common(self, item: Item, facts: dict) -> dict:
+        row = dict(self.base)
+        row.update(
+            path=safe_text(os.path.abspath(item.path)),
+            rel_path=safe_text(item.rel_path),
+            size=item.size,
+            mtime=item.mtime,
+            seed=item.seed(self.cfg.seed),
+            reference_path=safe_text(os.path.abspath(item.reference)) if item.reference else None,
+            scored_at=datetime.now(timezone.utc),
+        )
+        row.update({k: v for k, v in facts.items() if k in self.sink.schema.names})
+        return row
+
+    def _error_row(self, item: Item, error: str, facts: dict) -> dict:
+        row = self._common(item, facts)
+        row.update(status="error", error=error, score=None)
+        return row
+
+    def _ok_row(self, sample: Sample, result: Output, model_ms: float) -> dict:
+        row = self._common(sample.item, sample.facts)
+        row.update({k: v for k, v in result.columns.items() if k in self.sink.schema.names})
+        row.update(status="ok", error=None, model_ms=model_ms)
+        return row
+
+
+class _Timer:
+    """Forward time: CUDA events on the GPU (no sync at launch), wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def elapsed_ms(self) -> float:
+        if self.cuda:
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end)
+        return (self.t1 - self.t0) * 1e3
+
+
+class Progress:
+    """A rich bar on a terminal; plain log lines every 10 s otherwise (cron, log files)."""
+
+    def __init__(self, total: int, enabled: bool | None, quiet: bool):
+        self.total, self.quiet = total, quiet
+        self.bar = (sys.stderr.isatty() if enabled is None else enabled) and not quiet
+        self.done = self.errors = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def __enter__(self) -> "Progress":
+        if self.bar:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+
+            self._bar = Bar(
+                TextColumn("scoring"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} files/s  errors {task.fields[errors]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("scoring", total=self.total, rate="-", errors=0)
+        elif not self.quiet:
+            log.info("scoring %d file(s)", self.total)
+        return self
+
+    def advance(self, n: int, errors: int) -> None:
+        self.done += n
+        self.errors += errors
+        now = time.perf_counter()
+        rate = self.done / max(now - self.t0, 1e-9)
+        if self.bar:
+            self._bar.update(self._task, advance=n, rate=f"{rate:.1f}", errors=self.errors)
+        elif not self.quiet and (now - self.last >= 10 or self.done == self.total):
+            self.last = now
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            log.info(
+                "%d/%d files, %d error(s), %.2f files/s, ETA %s",
+                self.done, self.total, self.errors, rate, _hms(eta),
+            )
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar:
+            self._bar.stop()
+
+
+def _hms(seconds: float) -> str:
+    if seconds != seconds:  # NaN
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def report(summary: dict[str, Any], quiet: bool) -> None:
+    """The end-of-run summary: a table on stderr (terminal or log file alike)."""
+    if quiet:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"qscore {summary['model']}" + (f" ({summary['mode']})" if summary["mode"] else ""))
+    table.add_column("files")
+    table.add_column("ok", justify="right")
+    table.add_column("errors", justify="right")
+    table.add_column("skipped (done)", justify="right")
+    table.add_column("files/s", justify="right")
+    table.add_column("peak GPU MB", justify="right")
+    table.add_row(
+        str(summary["discovered"]),
+        str(summary["ok"]),
+        str(summary["error"]),
+        str(summary["skipped"]),
+        "-" if summary["files_per_s"] is None else f"{summary['files_per_s']:.2f}",
+        "-" if summary["peak_gpu_mb"] is None else f"{summary['peak_gpu_mb']:.0f}",
+    )
+    console = Console(stderr=True, width=100 if not sys.stderr.isatty() else None)
+    console.print(table)
+    console.print(
+        f"weights {summary['weights_id']} (head: {summary['head']}), device {summary['device_name']}, "
+        f"rows in {summary['table']}: {summary['rows_in_table']}"
+    )

@@ -1,0 +1,200 @@
+"""End to end through the CLI and runner with a test-only model (tests/toymodel.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from qscore.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = "toy=tests.toymodel:Toy"
+
+
+@pytest.fixture(autouse=True)
+def toy_model(monkeypatch):
+    monkeypatch.setenv("QSCORE_EXTRA_MODELS", TOY)
+
+
+def qscore(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def make_images(folder: Path, n: int, size=(40, 30)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = folder / ("sub" if i % 2 else "") / f"img{i:03d}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def table(out: Path, stem: str = "toy") -> pd.DataFrame:
+    return pq.read_table(out / f"{stem}.parquet").to_pandas()
+
+
+def test_bad_media_folder_end_to_end(tmp_path):
+    from tests.badmedia import make_bad_media
+
+    media = tmp_path / "media"
+    expected = make_bad_media(media)
+    out = tmp_path / "out"
+    code, output = qscore("image", media, "--model", "toy", "--out", out, "--workers", "0", "--csv")
+    assert code == 1, output  # some files failed
+    df = table(out)
+    assert df.rel_path.is_unique
+    images = {k: v for k, v in expected.items() if not k.endswith((".mp4", ".avi", ".mkv"))}
+    by_name = {os.path.basename(r.rel_path): r for r in df.itertuples()}
+    for name, want in images.items():
+        shown = os.fsencode(name).decode("utf-8", "backslashreplace") if isinstance(name, str) else name
+        row = by_name.get(shown)
+        assert row is not None, f"no row for {shown!r}: {sorted(by_name)}"
+        assert row.status == want, (shown, row.error)
+        if want == "error":
+            assert row.error and ":" in row.error and np.isnan(row.score)
+        else:
+            assert 0.0 <= row.score <= 1.0 and row.width > 0
+            assert (out / row.heatmap_path).is_file()
+    csv = pd.read_csv(out / "toy.csv")
+    assert len(csv) == len(df)
+    summary = json.loads((out / "toy.summary.json").read_text())
+    assert summary["ok"] + summary["error"] == len(df) and summary["exit_code"] == 1
+
+    # resume: ok rows are skipped, failed ones retried; no duplicate rows either way
+    code, _ = qscore("image", media, "--model", "toy", "--out", out, "--workers", "0")
+    again = json.loads((out / "toy.summary.json").read_text())
+    assert again["skipped"] == summary["ok"] and again["ok"] == 0
+    assert len(table(out)) == len(df)
+    code, _ = qscore("image", media, "--model", "toy", "--out", out, "--workers", "0", "--force")
+    forced = json.loads((out / "toy.summary.json").read_text())
+    assert forced["skipped"] == 0 and forced["ok"] == summary["ok"]
+    assert len(table(out)) == len(df)
+
+
+def test_all_ok_exit_zero_and_schema(tmp_path):
+    make_images(tmp_path / "in", 5)
+    out = tmp_path / "out"
+    code, output = qscore("image", tmp_path / "in", "-m", "toy", "-o", out, "-j", "0", "--weights", "random")
+    assert code == 0, output
+    t = pq.read_table(out / "toy.parquet")
+    assert str(t.schema.field("score").type) == "double"
+    assert str(t.schema.field("brightness").type) == "float"
+    df = t.to_pandas()
+    assert set(df.weights_id) == {"random"} and set(df.head) == {"random"}
+    assert set(df.rel_path) == {f"img{i:03d}.png" if i % 2 == 0 else f"sub/img{i:03d}.png" for i in range(5)}
+    png = Image.open(out / df.heatmap_path.iloc[0])
+    assert png.mode == "RGB"
+
+
+def test_same_scores_for_batch_sizes_and_runs(tmp_path):
+    make_images(tmp_path / "in", 6)
+    scores = []
+    for i, bs in enumerate((1, 4, 4)):
+        out = tmp_path / f"out{i}"
+        assert qscore("image", tmp_path / "in", "-m", "toy", "-o", out, "-j", "0", "-b", bs)[0] == 0
+        scores.append(table(out).set_index("rel_path").score.sort_index())
+    pd.testing.assert_series_equal(scores[0], scores[1], rtol=1e-6)
+    pd.testing.assert_series_equal(scores[1], scores[2], rtol=0, atol=0)
+
+
+def test_oom_halves_batch_and_keeps_every_file(tmp_path):
+    make_images(tmp_path / "in", 9)
+    out = tmp_path / "out"
+    code, output = qscore("image", tmp_path / "in", "-m", "toy", "-o", out, "-j", "0", "-b", "8", "--set", "oom_above=2")
+    assert code == 0, output
+    summary = json.loads((out / "toy.summary.json").read_text())
+    assert summary["batch_size"] == 2 and summary["ok"] == 9
+
+
+def test_a_file_that_breaks_its_batch_is_isolated(tmp_path):
+    make_images(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    code, _ = qscore("image", tmp_path / "in", "-m", "toy", "-o", out, "-j", "0", "-b", "6", "--set", "fail_name=img003")
+    assert code == 1
+    df = table(out).set_index("rel_path")
+    assert df.loc["sub/img003.png", "status"] == "error"
+    assert "poisoned file" in df.loc["sub/img003.png", "error"]
+    assert (df.drop(index="sub/img003.png").status == "ok").all()
+
+
+def test_usage_errors_exit_2_with_one_line(tmp_path):
+    make_images(tmp_path / "in", 1)
+    code, output = qscore("image", tmp_path / "in", "-m", "nosuchmodel", "-o", tmp_path / "o")
+    assert code == 2 and "unknown model 'nosuchmodel'" in output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, output = qscore("image", tmp_path / "in", "-m", "toy", "-o", blocker / "out")
+    assert code == 2 and "cannot write to --out" in output
+    code, output = qscore("image", tmp_path / "nothere", "-m", "toy", "-o", tmp_path / "o")
+    assert code == 2 and "no such file or folder" in output
+    code, output = qscore("image", tmp_path / "in", "-m", "toy", "--set", "nope=1", "-o", tmp_path / "o")
+    assert code == 2 and "unknown option" in output
+    code, output = qscore("image", tmp_path / "in", "-m", "toy", "--bogus-flag")
+    assert code == 2
+
+
+def test_live_lock_refuses_and_stale_lock_is_taken_over(tmp_path):
+    make_images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "toy.lock").write_text(f"{sleeper.pid}\n")
+        code, output = qscore("image", tmp_path / "in", "-m", "toy", "-o", out, "-j", "0")
+        assert code == 2 and "held by running qscore process" in output
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    code, output = qscore("image", tmp_path / "in", "-m", "toy", "-o", out, "-j", "0")
+    assert code == 0, output
+    assert not (out / "toy.lock").exists()
+
+
+def test_kill_minus_9_then_rerun_scores_every_file_once(tmp_path):
+    make_images(tmp_path / "in", 24)
+    out = tmp_path / "out"
+    env = {**os.environ, "QSCORE_EXTRA_MODELS": TOY, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "qscore", "image", str(tmp_path / "in"), "-m", "toy", "-o", str(out),
+           "-j", "0", "-b", "2", "--set", "delay=0.4", "-q"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    parts = out / ".parts" / "toy"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(parts.glob("part-*.parquet")) if parts.exists() else []) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_parts = len(list(parts.glob("part-*.parquet")))
+    assert 3 <= n_parts < 12, "the kill should land mid-run"
+    rerun = subprocess.run(cmd, env=env, cwd=ROOT)
+    assert rerun.returncode == 0
+    df = table(out)
+    assert len(df) == 24 and df.rel_path.is_unique and (df.status == "ok").all()
+    summary = json.loads((out / "toy.summary.json").read_text())
+    assert summary["skipped"] >= 2 * 3  # the batches written before the kill were kept
+    assert not parts.exists()
+
+
+def test_every_command_has_help_with_examples():
+    for args in (["--help"], ["image", "--help"], ["video", "--help"], ["forgery", "--help"], ["models", "--help"],
+                 ["weights", "--help"], ["weights", "list", "--help"], ["weights", "pull", "--help"],
+                 ["weights", "verify", "--help"], ["weights", "path", "--help"], ["train", "--help"],
+                 ["eval", "--help"], ["synth", "--help"]):
+        code, output = qscore(*args)
+        assert code == 0, (args, output)
+        assert "Usage" in output and ("Example" in output or args[0] == "weights" and len(args) == 2), args
