@@ -224,6 +224,7 @@ def _score(
     if cfg.max_files is not None:
         todo = todo[: cfg.max_files]
     stats = {"discovered": len(items), "skipped": len(items) - len(todo), "ok": 0, "error": 0}
+    totals = {"model_ms": 0.0, "decode_ms": 0.0, "stage_ms": 0.0}
     base = {
         "task": model.spec.task,
         "model": model.spec.name,
@@ -237,7 +238,7 @@ def _score(
     }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    engine = _Engine(cfg, model, device, sink, base, stats)
+    engine = _Engine(cfg, model, device, sink, base, stats, totals)
     t0 = time.perf_counter()
     with Progress(len(todo), enabled=cfg.progress, quiet=cfg.quiet) as progress:
         engine.progress = progress
@@ -249,6 +250,8 @@ def _score(
         scored=scored,
         files_per_s=round(scored / elapsed, 3) if elapsed > 0 else None,
         batch_size=engine.batch_size,
+        gpu_busy=round(totals["model_ms"] / (elapsed * 1e3), 3) if elapsed > 0 and device.type == "cuda" else None,
+        **{f"{k}_mean": round(v / scored, 3) if scored else None for k, v in totals.items()},
         peak_gpu_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
     )
     return stats
@@ -257,8 +260,9 @@ def _score(
 class _Engine:
     """The loop over batches: lookahead, OOM back-off, per-file isolation of model errors."""
 
-    def __init__(self, cfg, model, device, sink, base, stats):
-        self.cfg, self.model, self.device, self.sink, self.base, self.stats = cfg, model, device, sink, base, stats
+    def __init__(self, cfg, model, device, sink, base, stats, totals):
+        self.cfg, self.model, self.device, self.sink, self.base = cfg, model, device, sink, base
+        self.stats, self.totals = stats, totals  # counts by status; summed decode/stage/model ms
         self.batch_size = max(1, cfg.batch_size)
         self.autocast = device.type == "cuda"
         self.progress: Progress | None = None
@@ -293,9 +297,11 @@ class _Engine:
     def _launch(self, samples: list[Sample]):
         """Collate, copy and start the forward; returns what ``_finish`` needs."""
         try:
+            t0 = time.perf_counter()
             batch = self.model.collate(samples)
             if self.device.type == "cuda":
                 batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+            self.totals["stage_ms"] += (time.perf_counter() - t0) * 1e3
             timer = _Timer(self.device)
             with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 outputs = self.model(batch)
@@ -328,7 +334,10 @@ class _Engine:
             self._write([self._error_row(s.item, error, s.facts) for s in samples], [])
             return
         outputs = {k: v.float().cpu() if torch.is_tensor(v) else v for k, v in outputs.items()}
-        per_file_ms = timer.elapsed_ms() / len(samples)
+        batch_ms = timer.elapsed_ms()
+        self.totals["model_ms"] += batch_ms
+        self.totals["decode_ms"] += sum(s.facts.get("decode_ms", 0.0) for s in samples)
+        per_file_ms = batch_ms / len(samples)
         rows, writes = [], []
         try:
             results = self.model.postprocess(outputs, samples)
