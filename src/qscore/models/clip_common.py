@@ -96,13 +96,16 @@ class AntonymPrompts(nn.Module):
     def features(self) -> torch.Tensor:
         """(K, 2, D) L2-normalised text features: [:, 0] positive, [:, 1] negative."""
         if self.text_features is None or self.text_features.device != self.tokens.device:
-            with torch.no_grad(), torch.autocast(self.tokens.device.type, enabled=False):
+            # inference_mode(False): a plain tensor, still usable by training steps after an eval
+            device = self.tokens.device.type
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(device, enabled=False):
                 self.text_features = F.normalize(self._encode_text(self.tokens).float(), dim=-1)
         return self.text_features.view(len(self.pairs), 2, -1)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """image_features: (N, D), normalised here (any scale is fine). -> (N, K) in [0, 1]:
         softmax(100 * [cos(f, t+), cos(f, t-)])[..., 0] per pair."""
-        f = F.normalize(image_features.float(), dim=-1)
-        cos = torch.einsum("nd,kjd->nkj", f, self.features())  # (N, K, 2)
-        return (LOGIT_SCALE * cos).softmax(dim=-1)[..., 0]
+        with torch.autocast(image_features.device.type, enabled=False):  # 100 x cos needs fp32
+            f = F.normalize(image_features.float(), dim=-1)
+            cos = torch.einsum("nd,kjd->nkj", f, self.features())  # (N, K, 2)
+            return (LOGIT_SCALE * cos).softmax(dim=-1)[..., 0]

@@ -1,0 +1,291 @@
+"""CLiF-VQA (arXiv 2311.07090): video quality from CLIP "human feelings" plus spatial features.
+
+A frozen CLIP scores antonym prompt pairs ("a sharp video frame" / "a blurry video frame", ...)
+on a grid of native-resolution windows of each sampled frame; the per-window probabilities are
+averaged into a feeling vector and also mapped back to frame positions as the video's heatmap.
+A trainable timm 2D backbone over FAST-VQA fragments (temporal mean) gives spatial features; an
+MLP fuses [spatial ; feelings ; mean CLIP embedding] into the score. Variants: ``mixed`` (the
+paper: every pair on the windows) and ``decoupled`` (CLiF-VQA+: objective pairs on the native
+windows, subjective pairs on the downscaled whole frame). Without a trained head the score is the
+mean feeling probability (zero-shot, CLIP-IQA-like; rows say ``head = zero-shot``).
+Everything below the abstract level is our design: see docs/models/clifvqa.md.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Output, Sample
+from qscore.models.clip_common import AntonymPrompts, build_clip, encode_images
+
+OBJECTIVE = "sharp/blurry, clean/noisy, bright/dark, colorful/dull, smooth/blocky"
+SUBJECTIVE = (
+    "comfortable to watch/uncomfortable to watch, beautiful/ugly, pleasant/annoying, natural/unnatural, good/bad"
+)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """"sharp/blurry, clean/noisy" -> [("sharp", "blurry"), ("clean", "noisy")]."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pos, sep, neg = part.partition("/")
+        if not sep or not pos.strip() or not neg.strip():
+            raise ValueError(f"prompt pair {part!r}: write it as positive/negative")
+        pairs.append((pos.strip(), neg.strip()))
+    return pairs
+
+
+def feeling_name(positive: str) -> str:
+    """The row column of a pair: its positive side's first word, e.g. "feel_comfortable"."""
+    return "feel_" + re.sub(r"\W", "", positive.split()[0].lower())
+
+
+@dataclass
+class CLiFVQAConfig:
+    variant: str = "mixed"  # "mixed" (paper) | "decoupled" (CLiF-VQA+)
+    frames: int = 8
+    sampler: str = "uniform"  # "uniform" | "framediff"
+    clip_arch: str = "ViT-B-16"
+    clip_tiny: bool = False  # a tiny random CLIP (tests, tiny preset)
+    window_grid: tuple = (3, 3)  # rows x columns of CLIP-size windows at native resolution
+    objective: str = OBJECTIVE  # "positive/negative, ..." antonym pairs
+    subjective: str = SUBJECTIVE
+    objective_template: str = "a {} video frame"
+    subjective_template: str = "a video frame that is {}"
+    clip_chunk: int = 512  # windows per ViT call (memory bound, not a score change)
+    fragment_grid: int = 7  # FAST-VQA fragments: grid x grid patches of patch x patch pixels
+    fragment_patch: int = 32
+    spatial_backbone: str = "resnet18"  # any timm 2D model name (random init, trainable)
+    hidden: int = 256
+    heatmap: bool = True  # write the per-video heatmap (costs a full-size overlay per file)
+    seed: int = 0  # fragment sampling seed (mixed with the file's own seed)
+
+
+def _check(config: CLiFVQAConfig) -> None:
+    if config.variant not in ("mixed", "decoupled"):
+        raise ValueError(f"variant {config.variant!r}: choose mixed or decoupled")
+    if config.sampler not in ("uniform", "framediff"):
+        raise ValueError(f"sampler {config.sampler!r}: choose uniform or framediff")
+    if len(config.window_grid) != 2 or min(config.window_grid) < 1 or config.frames < 1:
+        raise ValueError("window_grid needs two positive numbers (rows x columns) and frames >= 1")
+
+
+@dataclass
+class CLiFVQAPrepare:
+    """Item -> Sample: sampled frames as uint8 windows (T, G, 3, S, S) with their boxes, the
+    downscaled whole frames (decoupled), fragments (T, 3, F, F) and the middle frame."""
+
+    frames: int
+    sampler: str
+    window: int
+    grid: tuple
+    whole: bool
+    fragment_grid: int
+    fragment_patch: int
+    keep_frame: bool
+    seed: int
+
+    def __call__(self, item: Item) -> Sample:
+        from qscore.media import sampling
+        from qscore.media.video import open_video
+
+        t0 = time.perf_counter()
+        with open_video(item.path) as reader:
+            if self.sampler == "framediff":
+                indices = sampling.framediff_indices(reader, self.frames)
+            else:
+                indices = sampling.uniform_indices(reader.n_frames, self.frames)
+            frames = reader.frames(indices)  # uint8 (T, H, W, 3)
+            facts = reader.facts()
+        facts = {**facts, "frames_used": len(frames), "decode_ms": (time.perf_counter() - t0) * 1e3}
+        x = sampling.to_tensor(frames)  # (T, 3, H, W) in [0, 1]
+        windows, boxes = sampling.sliding_windows(x, self.window, tuple(self.grid))
+        inputs = {
+            "windows": to_uint8(windows.reshape(len(x), -1, *windows.shape[-3:])),
+            "fragments": to_uint8(
+                sampling.fragments(x, self.fragment_grid, self.fragment_patch, item.seed(self.seed))
+            ),
+        }
+        if self.whole:
+            inputs["frames"] = to_uint8(sampling.squash_resize(x, (self.window, self.window)))
+        keep = {"boxes": np.asarray(boxes, dtype=np.int64).reshape(-1, 4), "size": tuple(frames.shape[1:3])}
+        if self.keep_frame:
+            keep["frame"] = np.ascontiguousarray(frames[len(frames) // 2])
+        return Sample(item, inputs, facts, keep)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats -> uint8, a quarter of the bytes to copy to the device."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def window_heat(values: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Per-window values (G,) -> float32 map (H, W): each pixel averages the windows covering it
+    (boxes (G, 4) as x0, y0, x1, y1 in frame pixels); uncovered pixels get the mean value."""
+    total = np.zeros(size, np.float64)
+    count = np.zeros(size, np.float64)
+    for v, (x0, y0, x1, y1) in zip(values, boxes):
+        total[y0:y1, x0:x1] += v
+        count[y0:y1, x0:x1] += 1
+    heat = np.where(count > 0, total / np.maximum(count, 1), float(np.mean(values)))
+    return heat.astype(np.float32)
+
+
+class CLiFVQA(Model):
+    spec = ModelSpec(
+        name="clifvqa",
+        task="video",
+        summary="CLIP human-feeling prompts on native windows + fragment spatial features (CLiF-VQA)",
+        paper="arXiv:2311.07090 (ACM MM 2024); CLiF-VQA+ decoupled variant",
+        licence="MIT (openai CLIP weights); qscore heads Apache-2.0",
+        weights_keys=("clip-vit-b16-openai", "clifvqa-head"),
+        score_range="zero-shot: [0, 1], higher better; trained head: the training labels' scale",
+        columns={feeling_name(p): pa.float32() for p, _ in parse_pairs(OBJECTIVE) + parse_pairs(SUBJECTIVE)},
+        artefacts=("heatmap",),
+    )
+    Config = CLiFVQAConfig
+    presets = {
+        "default": {},
+        "tiny": {
+            "clip_tiny": True,
+            "frames": 4,
+            "window_grid": (2, 2),
+            "fragment_grid": 4,
+            "fragment_patch": 16,
+            "spatial_backbone": "test_resnet",
+            "hidden": 32,
+        },
+    }
+
+    def __init__(self, config: CLiFVQAConfig):
+        super().__init__(config)
+        import timm
+
+        _check(config)
+        self.clip, tokenizer, mean, std, self.window = build_clip(config.clip_arch, None, config.clip_tiny)
+        objective, subjective = parse_pairs(config.objective), parse_pairs(config.subjective)
+        obj = [tuple(config.objective_template.format(t) for t in p) for p in objective]
+        subj = [tuple(config.subjective_template.format(t) for t in p) for p in subjective]
+        if config.variant == "mixed":
+            self.window_prompts = AntonymPrompts(self.clip, tokenizer, obj + subj)
+            self.frame_prompts = None
+        else:
+            self.window_prompts = AntonymPrompts(self.clip, tokenizer, obj)
+            self.frame_prompts = AntonymPrompts(self.clip, tokenizer, subj)
+        self.feeling_names = [feeling_name(p) for p, _ in objective + subjective]
+        self.register_buffer("clip_mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        self.register_buffer("net_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("net_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        self.spatial = timm.create_model(config.spatial_backbone, pretrained=False, num_classes=0)
+        width = self.spatial.num_features + len(self.feeling_names) + self.clip.text_projection.shape[1]
+        self.head = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1)
+        )
+        self.zero_shot = False  # set by load_official when no trained head exists
+
+    # ---- weights ----------------------------------------------------------------------------
+    def load_official(self, registry: Any) -> tuple[str, str]:
+        """openai CLIP from weights.toml; a registered ``clifvqa-head`` if there is one, else the
+        zero-shot score (mean feeling probability)."""
+        if self.config.clip_tiny:
+            raise MissingWeights("the tiny preset has a random CLIP: use --weights random or a trained checkpoint")
+        from open_clip import load_checkpoint
+
+        load_checkpoint(self.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
+        self.clip.requires_grad_(False)
+        for prompts in (self.window_prompts, self.frame_prompts):
+            if prompts is not None:
+                prompts.reset()
+        try:
+            head_path = registry.path("clifvqa-head")
+        except (KeyError, MissingWeights):
+            self.zero_shot = True
+            return "clip-vit-b16-openai", "zero-shot"
+        from qscore.weights import load_checkpoint as load_head
+
+        state, card = load_head(head_path, expect_model=self.spec.name)
+        self.load_state_dict(state, strict=False)
+        self.zero_shot = False
+        return card["weights_id"], "trained"
+
+    def load_trained(self, state: dict[str, torch.Tensor], card: dict, registry: Any) -> None:
+        super().load_trained(state, card, registry)
+        self.zero_shot = False
+
+    def train(self, mode: bool = True) -> "CLiFVQA":
+        """The CLIP stays in eval mode; training a head means the head scores from now on."""
+        super().train(mode)
+        self.clip.eval()
+        if mode:
+            self.zero_shot = False
+        return self
+
+    # ---- the four steps -----------------------------------------------------------------------
+    def preparer(self, train: bool = False) -> CLiFVQAPrepare:
+        c = self.config
+        return CLiFVQAPrepare(
+            frames=c.frames,
+            sampler=c.sampler,
+            window=self.window,
+            grid=tuple(c.window_grid),
+            whole=c.variant == "decoupled",
+            fragment_grid=c.fragment_grid,
+            fragment_patch=c.fragment_patch,
+            keep_frame=c.heatmap and not train,
+            seed=c.seed,
+        )
+
+    def feel(self, images: torch.Tensor, prompts: AntonymPrompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen CLIP on images (N, 3, S, S) in [0, 1] -> (feeling probabilities (N, K),
+        L2-normalised embeddings (N, D))."""
+        with torch.no_grad():
+            emb = encode_images(self.clip, (images - self.clip_mean) / self.clip_std, self.config.clip_chunk)
+            return prompts(emb), emb
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """windows uint8 (B, T, G, 3, S, S), fragments uint8 (B, T, 3, F, F), frames uint8
+        (B, T, 3, S, S) for ``decoupled`` -> score (B,), feelings (B, K), window_quality (B, G)."""
+        windows = batch["windows"]
+        b, t, g = windows.shape[:3]
+        p_win, emb = self.feel(windows.flatten(0, 2).float() / 255, self.window_prompts)
+        p_win = p_win.view(b, t, g, -1)  # all windows of all videos went through CLIP together
+        emb = emb.view(b, t * g, -1)
+        feelings = p_win.mean((1, 2))
+        if self.frame_prompts is not None:
+            p_frame, emb_frame = self.feel(batch["frames"].flatten(0, 1).float() / 255, self.frame_prompts)
+            feelings = torch.cat([feelings, p_frame.view(b, t, -1).mean(1)], dim=1)
+            emb = torch.cat([emb, emb_frame.view(b, t, -1)], dim=1)
+        out = {"feelings": feelings, "window_quality": p_win.mean((1, 3))}
+        if self.zero_shot:
+            out["score"] = feelings.mean(1)
+            return out
+        frags = (batch["fragments"].flatten(0, 1).float() / 255 - self.net_mean) / self.net_std
+        spatial = self.spatial(frags).view(b, t, -1).mean(1)  # (B, C): temporal mean
+        fused = torch.cat([spatial.float(), feelings, emb.mean(1)], dim=1)
+        out["score"] = self.head(fused).squeeze(1)
+        return out
+
+    def postprocess(self, outputs: dict[str, torch.Tensor], samples: Sequence[Sample]) -> list[Output]:
+        results = []
+        for i, sample in enumerate(samples):
+            columns = {"score": float(outputs["score"][i])}
+            columns.update(zip(self.feeling_names, outputs["feelings"][i].tolist()))
+            result = Output(columns)
+            if "frame" in sample.keep:
+                from qscore.artefacts import overlay
+
+                heat = window_heat(outputs["window_quality"][i].numpy(), sample.keep["boxes"], sample.keep["size"])
+                result.artefacts["heatmap"] = overlay(sample.keep["frame"], heat)
+                result.arrays["heatmap"] = heat
+            results.append(result)
+        return results
