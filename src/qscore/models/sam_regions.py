@@ -245,7 +245,7 @@ class RegionCache:
     Reads happen in CPU workers; writes go to a temp file in the same folder, then a rename.
     """
 
-    def __init__(self, root: str | os.PathLike, salt: str):
+    def __init__(self, root: str | os.PathLike, salt: str = ""):
         self.root = Path(root)
         self.salt = salt
 

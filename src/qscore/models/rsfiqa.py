@@ -1,0 +1,608 @@
+"""RSFIQA (arXiv 2508.07818): no-reference image quality from region-aware semantic attention.
+
+image -> SAM label map (``sam_regions``) -> per-region description (CLIP zero-shot ratings or a
+chat VLM) -> region embeddings e_r; any timm/torchvision backbone -> feature map F (C, h, w);
+RSA(F, label map, e) -> global attention map G (h, w) + pooled feature -> score.
+
+Where the work happens: the preparer (CPU workers) decodes, sizes the working image, hashes it
+and reads the region cache; on a miss it also resizes the image for SAM. ``forward`` (device)
+segments and describes the misses (and writes them to the cache), crops image and label map
+identically, and runs backbone + RSA. Scores average several crops at test time; the heatmap is
+G assembled over the crops, overlaid on the image at its original size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Output, Sample
+from qscore.models.sam_regions import (
+    SAM_KEYS,
+    RegionCache,
+    RegionRules,
+    SamRegions,
+    build_sam,
+    default_cache_dir,
+    fingerprint,
+    sam_input,
+)
+
+DIMENSIONS = ("colour", "noise", "artifact", "blur", "exposure", "overall")
+PAIRS = (  # (positive, negative) per dimension, in DIMENSIONS order
+    ("a photo with natural, vivid colours", "a photo with dull, distorted colours"),
+    ("a clean photo", "a noisy, grainy photo"),
+    ("a photo without artifacts", "a photo with compression artifacts"),
+    ("a sharp photo", "a blurry photo"),
+    ("a well-exposed photo", "an over- or under-exposed photo"),
+    ("a high quality photo", "a low quality photo"),
+)
+CONTENT = (
+    "person", "face", "crowd", "dog", "cat", "bird", "animal", "sky", "cloud", "water", "tree",
+    "grass", "flower", "plant", "mountain", "rock", "sand", "snow", "building", "room",
+    "furniture", "road", "car", "vehicle", "food", "text", "screen", "object", "night scene", "background",
+)
+SEVERITY = ("none", "slight", "moderate", "strong")  # of a distortion, from P(positive prompt)
+QUALITY = ("poor", "fair", "good", "excellent")
+
+
+@dataclass
+class Config:
+    backbone: str = "resnet50"  # timm name, or "tv:<name>" for a torchvision model
+    crop_size: int = 384
+    test_grid: int = 3  # test_grid x test_grid crops averaged at test time; must cover max_side
+    max_side: int = 1024  # the working image's long side is at most this (its labels, crops)
+    sam: str = "vit_b"  # vit_b | vit_l | vit_h | tiny
+    points_per_side: int = 32
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    box_nms_thresh: float = 0.7
+    min_region_frac: float = 0.005
+    r_max: int = 16
+    sam_points_per_batch: int = 256  # point prompts decoded at once on the device
+    describer: str = "clip"  # clip | mllm
+    clip_arch: str = "ViT-B-16"  # "tiny": a small random CLIP for tests
+    mllm: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # transformers chat VLM for describer=mllm
+    dim: int = 256
+    region_layers: int = 2
+    heads: int = 8
+    rank_weight: float = 0.3  # L1 + rank_weight * rank loss on normalised MOS
+    cache_dir: str = ""  # default $QSCORE_HOME/cache/rsfiqa
+
+
+class Backbone(nn.Module):
+    """Any timm model (``features_only``, last stage) or torchvision CNN (``tv:`` prefix, up to
+    its global pool) as a feature map. uint8 (B, 3, H, W) -> float (B, C, h, w)."""
+
+    def __init__(self, name: str, crop_size: int):
+        super().__init__()
+        if name.startswith("tv:"):
+            import torchvision
+
+            net = torchvision.models.get_model(name[3:], weights=None)
+            if hasattr(net, "features"):
+                self.body = net.features
+            else:
+                layers = list(net.children())
+                cut = next(i for i, m in enumerate(layers) if isinstance(m, nn.AdaptiveAvgPool2d))
+                self.body = nn.Sequential(*layers[:cut])
+            mean, std, self.nhwc = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False
+            with torch.no_grad():  # a dry run in eval mode, so batch-norm statistics stay untouched
+                self.channels = self.body.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+            self.body.train()
+        else:
+            import timm
+
+            kwargs = dict(pretrained=False, features_only=True, out_indices=(-1,))
+            try:  # ViTs and Swins are built for the crop size; CNNs take any size
+                self.body = timm.create_model(name, img_size=crop_size, **kwargs)
+            except TypeError:
+                self.body = timm.create_model(name, **kwargs)
+            self.channels = self.body.feature_info.channels()[-1]
+            self.nhwc = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
+            mean, std = self.body.pretrained_cfg.get("mean", (0.5,) * 3), self.body.pretrained_cfg.get("std", (0.5,) * 3)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        out = self.body((images.float() - self.mean) / self.std)
+        out = out[-1] if isinstance(out, (list, tuple)) else out
+        return out.permute(0, 3, 1, 2) if self.nhwc else out
+
+
+def mlp(dims: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.GELU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class RSA(nn.Module):
+    """Region-aware semantic attention (spec steps 1-6).
+
+    feats (B, C, h, w); area (B, R, h, w): fraction of each cell covered by each region (sums to
+    1 over R); regions (B, R, E): region embeddings; present (B, R): region is in this crop.
+    Returns score (B,), G (B, h, w) summing to 1, region weights w (B, R) (0 where absent).
+    No positional code on regions, so permuting region order permutes w and changes nothing else.
+    """
+
+    def __init__(self, channels: int, region_dim: int, dim: int, layers: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.v = nn.Sequential(nn.Linear(channels, dim), nn.LayerNorm(dim))
+        self.t = nn.Sequential(nn.Linear(region_dim, dim), nn.LayerNorm(dim))
+        self.fuse = mlp((3 * dim, dim, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.mix = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.weight = mlp((dim, dim // 2, 1))
+        self.q, self.k, self.kv_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.cell = mlp((2 * dim, dim, dim))
+        self.head = mlp((2 * dim, dim, 1))
+
+    def forward(self, feats: Tensor, area: Tensor, regions: Tensor, present: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, _, h, w = feats.shape
+        v = self.v(feats.flatten(2).transpose(1, 2))  # (B, P, d)
+        a = area.flatten(2).float()  # (B, R, P)
+        mass = a.sum(-1)  # (B, R) region area in cells
+        t = self.t(regions)  # (B, R, d)
+        u = (a @ v.float()) / mass.clamp_min(1e-6)[..., None]  # A-weighted mean of V per region
+        z = self.fuse(torch.cat([u, t, u * t], -1))
+        z = self.mix(z, src_key_padding_mask=~present).masked_fill(~present[..., None], 0.0)
+        weights = self.weight(z).squeeze(-1).float().masked_fill(~present, float("-inf")).softmax(-1)  # (B, R)
+        g = torch.einsum("brp,br->bp", a, weights / mass.clamp_min(1e-6))
+        g = g / g.sum(-1, keepdim=True)  # (B, P)
+        # region-constrained cross-attention: each cell attends to the texts of the regions in it
+        bias = a.clamp_min(0).log().transpose(1, 2)[:, None]  # (B, 1, P, R), -inf outside
+        split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        s = F.scaled_dot_product_attention(split(self.q(v)), split(self.k(t)), split(self.kv_v(t)), attn_mask=bias.to(v.dtype))
+        q = self.cell(torch.cat([v, s.transpose(1, 2).flatten(2)], -1))  # (B, P, d)
+        pooled = torch.einsum("bp,bpd->bd", g, q.float())
+        context = torch.einsum("br,brd->bd", weights, z.float())
+        score = self.head(torch.cat([pooled, context], -1).to(v.dtype)).squeeze(-1).float().sigmoid()
+        return score, g.view(b, h, w), weights
+
+
+# ---- region describers ------------------------------------------------------------------------------
+
+
+def region_crops(image: Tensor, labels: Tensor, n: int, size: int, fill: Tensor) -> Tensor:
+    """Each region's bounding box, pixels outside the region set to ``fill``, padded square and
+    resized. image: float (3, H, W) in [0, 1]; labels: (H, W) in 0..n-1 -> (n, 3, size, size)."""
+    from segment_anything.utils.amg import batched_mask_to_box
+
+    masks = labels[None] == torch.arange(n, device=labels.device)[:, None, None]
+    crops = []
+    for mask, (x0, y0, x1, y1) in zip(masks, batched_mask_to_box(masks).tolist()):
+        crop = torch.where(mask[y0 : y1 + 1, x0 : x1 + 1], image[:, y0 : y1 + 1, x0 : x1 + 1], fill[:, None, None])
+        h, w = crop.shape[1:]
+        side = max(h, w)
+        canvas = fill[:, None, None].expand(3, side, side).clone()
+        canvas[:, (side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = crop
+        crops.append(F.interpolate(canvas[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+    return torch.cat(crops)
+
+
+def description(content: int, ratings: Sequence[float]) -> str:
+    """"a photo of a dog; colour: none; ...; overall quality: good" from P(positive) ratings."""
+    parts = [f"a photo of a {CONTENT[content]}"]
+    for name, p in zip(DIMENSIONS, ratings):
+        if name == "overall":
+            parts.append(f"overall quality: {QUALITY[min(int(p * 4), 3)]}")
+        else:
+            parts.append(f"{name}: {SEVERITY[min(int((1 - p) * 4), 3)]}")
+    return "; ".join(parts)
+
+
+class ClipDescriber(nn.Module):
+    """Zero-shot region description with CLIP: antonym-prompt ratings per dimension (P of the
+    positive side) and a content label from ``CONTENT``. Region embedding e_r = [CLIP text
+    embedding of the description ; ratings] (E = D + 6). Subclasses replace ``rate``."""
+
+    def __init__(self, clip: nn.Module, tokenizer: Any, mean, std, size: int):
+        from qscore.models.clip_common import AntonymPrompts
+
+        super().__init__()
+        self.clip, self.tokenizer, self.size = clip, tokenizer, size
+        self.ratings = AntonymPrompts(clip, tokenizer, PAIRS)
+        self.register_buffer("content_tokens", tokenizer([f"a photo of a {c}" for c in CONTENT]), persistent=False)
+        self.content_features: Tensor | None = None  # (len(CONTENT), D), computed on first use
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)
+        self.register_buffer("std", torch.tensor(std), persistent=False)
+        self.dim = clip.text_projection.shape[-1] + len(DIMENSIONS)
+
+    def reset(self) -> None:
+        """Forget cached text features (after the CLIP weights change)."""
+        self.ratings.reset()
+        self.content_features = None
+
+    def rate(self, crops: Tensor) -> tuple[Tensor, Tensor]:
+        """crops: float (n, 3, S, S) in [0, 1] -> ratings (n, 6) in [0, 1], content (n,) long."""
+        from qscore.models.clip_common import encode_images
+
+        feats = encode_images(self.clip, (crops - self.mean[:, None, None]) / self.std[:, None, None])
+        if self.content_features is None or self.content_features.device != feats.device:
+            with torch.autocast(feats.device.type, enabled=False):
+                self.content_features = F.normalize(self.clip.encode_text(self.content_tokens).float(), dim=-1)
+        return self.ratings(feats), (feats @ self.content_features.T).argmax(-1)
+
+    @torch.no_grad()
+    def forward(self, image: Tensor, labels: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """image: uint8 (3, H, W); labels: (H, W) in 0..n-1 -> e (n, E) fp32, content (n,) long."""
+        crops = region_crops(image.float() / 255, labels, n, self.size, self.mean)
+        ratings, content = self.rate(crops)
+        texts = [description(c, r) for c, r in zip(content.tolist(), ratings.tolist())]
+        text = F.normalize(self.clip.encode_text(self.tokenizer(texts).to(image.device)).float(), dim=-1)
+        return torch.cat([text, ratings.float()], -1), content
+
+
+class MllmDescriber(ClipDescriber):
+    """Ratings and content from a transformers chat VLM asked for JSON (greedy decoding); the
+    description is embedded with CLIP's text tower as for ``clip``. An optional extra."""
+
+    PROMPT = (
+        "Rate this image region. Answer with JSON only: {\"content\": one of [" + ", ".join(CONTENT) + "], "
+        + ", ".join(f'"{d}": 0-4' for d in DIMENSIONS[:-1])
+        + ', "overall": 0-4}. For colour, noise, artifact, blur and exposure give the severity of that '
+        "distortion (0 none, 4 severe); for overall the quality (0 bad, 4 excellent)."
+    )
+
+    def __init__(self, clip, tokenizer, mean, std, size: int, name: str):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        super().__init__(clip, tokenizer, mean, std, size)
+        self.processor = AutoProcessor.from_pretrained(name)
+        self.vlm = AutoModelForImageTextToText.from_pretrained(name, torch_dtype=torch.bfloat16).eval().requires_grad_(False)
+        self.size = 448  # the VLM sees larger crops than CLIP
+
+    def rate(self, crops: Tensor) -> tuple[Tensor, Tensor]:
+        ratings, content = [], []
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.PROMPT}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        for crop in crops:
+            picture = (crop.permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+            inputs = self.processor(text=[prompt], images=[picture], return_tensors="pt").to(crops.device)
+            out = self.vlm.generate(**inputs, max_new_tokens=96, do_sample=False)
+            answer = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+            r, c = parse_answer(answer)
+            ratings.append(r)
+            content.append(c)
+        return torch.tensor(ratings, device=crops.device), torch.tensor(content, device=crops.device)
+
+
+def parse_answer(answer: str) -> tuple[list[float], int]:
+    """The VLM's JSON -> P(positive)-like ratings in [0, 1] (1 - severity/4; overall/4) and a
+    content index ("object" when unknown). Unparseable answers rate 0.5 everywhere."""
+    try:
+        data = json.loads(answer[answer.index("{") : answer.rindex("}") + 1])
+    except ValueError:
+        data = {}
+    ratings = []
+    for name in DIMENSIONS:
+        try:
+            value = min(max(float(data[name]) / 4, 0.0), 1.0)
+        except (KeyError, TypeError, ValueError):
+            value = 0.5
+        ratings.append(value if name == "overall" else 1.0 - value)
+    label = str(data.get("content", "")).strip().lower()
+    return ratings, CONTENT.index(label) if label in CONTENT else CONTENT.index("object")
+
+
+# ---- the CPU side -----------------------------------------------------------------------------------
+
+
+def working_image(image: np.ndarray, max_side: int, min_side: int) -> np.ndarray:
+    """Resize so the long side is <= max_side and the short side >= min_side (crops fit)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = max(min(1.0, max_side / max(h, w)), min_side / min(h, w))
+    if scale == 1.0:
+        return image
+    size = (max(min_side, round(w * scale)), max(min_side, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BOX if scale < 1 else Image.BICUBIC))
+
+
+def grid_origins(hw: tuple[int, int], crop: int, grid: int) -> np.ndarray:
+    """(grid*grid, 2) top-left corners (y, x) of evenly spaced crops spanning the image."""
+    ys, xs = (np.linspace(0, n - crop, grid).round().astype(np.int64) for n in hw)
+    return np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+
+
+@dataclass
+class Preparer:
+    """Item -> Sample on a CPU worker: decode, working image, crop origins, cached regions."""
+
+    crop_size: int
+    test_grid: int
+    max_side: int
+    sam_size: int
+    cache_root: str
+    salt: str
+    train: bool = False
+
+    def __call__(self, item: Item) -> Sample:
+        from qscore.media.image import load_image
+
+        image, facts = load_image(item.path, max_side=self.max_side)
+        work = working_image(image, self.max_side, self.crop_size)
+        h, w = work.shape[:2]
+        cache = RegionCache(self.cache_root, self.salt)
+        key = cache.key(work)
+        inputs: dict[str, Tensor] = {
+            "image": torch.tensor(work).permute(2, 0, 1),
+            "key": torch.frombuffer(bytearray(bytes.fromhex(key)), dtype=torch.uint8),
+        }
+        if self.train:  # a fresh random crop and flip each epoch (workers are seeded per epoch)
+            y, x, flip = (int(torch.randint(0, n, ())) for n in (h - self.crop_size + 1, w - self.crop_size + 1, 2))
+            inputs["origins"], inputs["flip"] = torch.tensor([[y, x]]), torch.tensor([bool(flip)])
+        else:
+            origins = torch.from_numpy(grid_origins((h, w), self.crop_size, self.test_grid))
+            inputs["origins"], inputs["flip"] = origins, torch.zeros(len(origins), dtype=torch.bool)
+        cached = cache.load(key)
+        if cached is not None:
+            inputs.update({k: torch.from_numpy(v) for k, v in cached.items()})
+        else:
+            sam = sam_input(work, self.sam_size)
+            inputs["sam_image"] = torch.tensor(sam).permute(2, 0, 1)
+        return Sample(item, inputs, facts, {"size": (facts["height"], facts["width"]), "preview": work})
+
+
+# ---- the model ---------------------------------------------------------------------------------------
+
+
+class RSFIQA(Model):
+    spec = ModelSpec(
+        name="rsfiqa",
+        task="image",
+        summary="Region-aware semantic attention IQA: SAM regions, CLIP region ratings, any backbone",
+        paper="arXiv:2508.07818",
+        licence="Apache-2.0 (SAM weights); MIT (CLIP ViT-B/16 openai); heads: trained by qscore",
+        weights_keys=("sam-vit-b", "sam-vit-l", "sam-vit-h", "clip-vit-b16-openai", "rsfiqa-head"),
+        score_range="[0, 1], higher is better (normalised MOS of the training data)",
+        columns={
+            "n_regions": pa.int32(),
+            "top_region_weight": pa.float32(),
+            **{f"rating_{d}": pa.float32() for d in DIMENSIONS},
+            "largest_region": pa.string(),
+        },
+        artefacts=("heatmap",),
+    )
+    Config = Config
+    presets = {
+        "default": {},
+        "tiny": {
+            "backbone": "resnet18", "crop_size": 128, "test_grid": 4, "max_side": 512, "sam": "tiny",
+            "points_per_side": 8, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.6, "box_nms_thresh": 0.9,
+            "min_region_frac": 0.01, "r_max": 8, "sam_points_per_batch": 64, "clip_arch": "tiny",
+            "dim": 64, "region_layers": 1, "heads": 4,
+        },
+    }
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        c = config
+        if c.test_grid * c.crop_size < c.max_side:
+            raise ValueError(f"test_grid x crop_size ({c.test_grid} x {c.crop_size}) must cover max_side {c.max_side}")
+        from qscore.models.clip_common import build_clip
+
+        self.rules = RegionRules(
+            c.points_per_side, c.pred_iou_thresh, c.stability_score_thresh, 1.0, c.box_nms_thresh, c.min_region_frac, c.r_max
+        )
+        self.regions = SamRegions(build_sam(c.sam), self.rules, c.sam_points_per_batch)
+        clip_parts = build_clip(tiny=True) if c.clip_arch == "tiny" else build_clip(c.clip_arch)
+        if c.describer == "clip":
+            self.describer = ClipDescriber(*clip_parts)
+        elif c.describer == "mllm":
+            self.describer = MllmDescriber(*clip_parts, name=c.mllm)
+        else:
+            raise ValueError(f"unknown describer {c.describer!r}: clip or mllm")
+        self.backbone = Backbone(c.backbone, c.crop_size)
+        self.rsa = RSA(self.backbone.channels, self.describer.dim, c.dim, c.region_layers, c.heads)
+
+    # ---- CPU side ---------------------------------------------------------------------------------
+    def cache(self) -> RegionCache:
+        """The region cache. Its salt holds everything that changes a label map or a description
+        besides the working image's pixels (which the key hashes): rules, names, weights."""
+        c = self.config
+        frozen = {"sam": fingerprint(self.regions.sam), "describer": fingerprint(self.describer)}
+        names = {k: getattr(c, k) for k in ("sam", "describer", "clip_arch", "mllm")}
+        salt = json.dumps([dataclasses.asdict(self.rules), names, frozen, PAIRS, CONTENT], sort_keys=True)
+        return RegionCache(c.cache_dir or default_cache_dir(), salt)
+
+    def preparer(self, train: bool = False) -> Preparer:
+        c, cache = self.config, self.cache()
+        return Preparer(c.crop_size, c.test_grid, c.max_side, self.regions.img_size, str(cache.root), cache.salt, train)
+
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Tensor]:
+        """Pad images and label maps to the batch's largest; region tensors to r_max; SAM inputs
+        only for cache misses (``sam_image`` (M, 3, S, S) in batch order of the misses)."""
+        r, size = self.config.r_max, self.regions.img_size
+        hw = torch.tensor([s.inputs["image"].shape[1:] for s in samples])
+        hmax, wmax = hw.max(0).values.tolist()
+        batch = {
+            "image": torch.zeros(len(samples), 3, hmax, wmax, dtype=torch.uint8),
+            "labels": torch.zeros(len(samples), hmax, wmax, dtype=torch.uint8),
+            "regions": torch.zeros(len(samples), r, self.describer.dim),
+            "content": torch.zeros(len(samples), r, dtype=torch.long),
+            "n_regions": torch.zeros(len(samples), dtype=torch.long),
+            "hw": hw,
+            "key": torch.stack([s.inputs["key"] for s in samples]),
+            "origins": torch.stack([s.inputs["origins"] for s in samples]),
+            "flip": torch.stack([s.inputs["flip"] for s in samples]),
+            "cached": torch.tensor(["labels" in s.inputs for s in samples]),
+            "sam_image": torch.zeros(0, 3, size, size, dtype=torch.uint8),
+            "sam_hw": torch.zeros(0, 2, dtype=torch.long),
+        }
+        sam_images = []
+        for b, s in enumerate(samples):
+            h, w = hw[b].tolist()
+            batch["image"][b, :, :h, :w] = s.inputs["image"]
+            if "labels" in s.inputs:
+                n = len(s.inputs["regions"])
+                batch["labels"][b, :h, :w] = s.inputs["labels"]
+                batch["regions"][b, :n] = s.inputs["regions"]
+                batch["content"][b, :n] = s.inputs["content"]
+                batch["n_regions"][b] = n
+            else:
+                sam_images.append(s.inputs["sam_image"])
+        if sam_images:
+            batch["sam_hw"] = torch.tensor([x.shape[1:] for x in sam_images])
+            batch["sam_image"] = torch.zeros(len(sam_images), 3, size, size, dtype=torch.uint8)
+            for m, x in enumerate(sam_images):
+                batch["sam_image"][m, :, : x.shape[1], : x.shape[2]] = x
+        return batch
+
+    # ---- device side ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def describe_misses(self, batch: dict[str, Tensor]) -> None:
+        """Segment and describe the images the cache did not have; fill them into ``batch`` and
+        store them in the cache. SAM runs in fp32 (as the stock generator does)."""
+        miss = torch.nonzero(~batch["cached"]).flatten().tolist()
+        if not miss:
+            return
+        with torch.autocast(batch["image"].device.type, enabled=False):
+            label_maps = self.regions(batch["sam_image"], batch["sam_hw"], batch["hw"][miss])
+        cache = RegionCache(self.config.cache_dir or default_cache_dir())  # keys come hashed from the preparer
+        for b, labels in zip(miss, label_maps):
+            h, w = labels.shape
+            n = int(labels.max()) + 1
+            regions, content = self.describer(batch["image"][b, :, :h, :w], labels, n)
+            batch["labels"][b, :h, :w] = labels.to(torch.uint8)
+            batch["regions"][b, :n] = regions.to(batch["regions"].dtype)
+            batch["content"][b, :n] = content
+            batch["n_regions"][b] = n
+            entry = {"labels": labels.to(torch.uint8), "regions": regions.float(), "content": content}
+            cache.save(bytes(batch["key"][b].tolist()).hex(), {k: v.cpu().numpy() for k, v in entry.items()})
+
+    def crops(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Image and label-map crops at the same origins: uint8 (B*N, 3, c, c), long (B*N, c, c)."""
+        c = self.config.crop_size
+        images, labels = [], []
+        for b, (origins, flips) in enumerate(zip(batch["origins"].tolist(), batch["flip"].tolist())):
+            for (y, x), flip in zip(origins, flips):
+                image, label = batch["image"][b, :, y : y + c, x : x + c], batch["labels"][b, y : y + c, x : x + c]
+                images.append(image.flip(-1) if flip else image)
+                labels.append(label.flip(-1) if flip else label)
+        return torch.stack(images), torch.stack(labels).long()
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        self.describe_misses(batch)
+        b, n = batch["origins"].shape[:2]
+        r = self.config.r_max
+        images, labels = self.crops(batch)
+        feats = self.backbone(images)  # (B*N, C, h, w)
+        area = F.adaptive_avg_pool2d(F.one_hot(labels, r).permute(0, 3, 1, 2).float(), feats.shape[-2:])
+        valid = torch.arange(r, device=labels.device) < batch["n_regions"][:, None]  # (B, R)
+        present = valid.repeat_interleave(n, 0) & (area.flatten(2).sum(-1) > 0)
+        regions = batch["regions"].repeat_interleave(n, 0).to(feats.dtype)
+        score, attention, weights = self.rsa(feats, area, regions, present)
+        image_area = torch.stack(
+            [torch.bincount(batch["labels"][i, :h, :w].flatten().long(), minlength=r)[:r] / (h * w) for i, (h, w) in enumerate(batch["hw"].tolist())]
+        )
+        return {
+            "score": score.view(b, n).mean(1),
+            "attention": attention.view(b, n, *attention.shape[1:]),
+            "region_weights": weights.view(b, n, r).mean(1),
+            "region_area": image_area,
+            "ratings": batch["regions"][..., -len(DIMENSIONS) :],
+            "content": batch["content"],
+            "n_regions": batch["n_regions"],
+        }
+
+    def postprocess(self, outputs: dict[str, Tensor], samples: Sequence[Sample]) -> list[Output]:
+        results = []
+        for i, sample in enumerate(samples):
+            n = int(outputs["n_regions"][i])
+            area = outputs["region_area"][i, :n]
+            ratings = (area[:, None] * outputs["ratings"][i, :n]).sum(0)
+            columns = {
+                "score": float(outputs["score"][i]),
+                "n_regions": n,
+                "top_region_weight": float(outputs["region_weights"][i, :n].max()),
+                **{f"rating_{d}": float(v) for d, v in zip(DIMENSIONS, ratings)},
+                "largest_region": CONTENT[int(outputs["content"][i, int(area.argmax())])],
+            }
+            heat = self.heatmap(outputs["attention"][i], sample)
+            results.append(Output(columns, {"heatmap": overlay_on(sample, heat)}, {"heatmap": heat}))
+        return results
+
+    def heatmap(self, attention: Tensor, sample: Sample) -> np.ndarray:
+        """G of every crop, as attention per pixel, averaged where crops overlap -> float (H, W)
+        at the working size (uncovered pixels 0)."""
+        c = self.config.crop_size
+        h, w = sample.inputs["image"].shape[1:]
+        total, count = torch.zeros(h, w), torch.zeros(h, w)
+        for g, (y, x), flip in zip(attention.float(), sample.inputs["origins"].tolist(), sample.inputs["flip"].tolist()):
+            density = F.interpolate(g[None, None] / (c * c / g.numel()), size=(c, c), mode="bilinear", align_corners=False)[0, 0]
+            total[y : y + c, x : x + c] += density.flip(-1) if flip else density
+            count[y : y + c, x : x + c] += 1
+        return (total / count.clamp_min(1)).numpy()
+
+    # ---- weights and training -------------------------------------------------------------------
+    def load_frozen(self, registry: Any) -> None:
+        """SAM and CLIP checkpoints from weights.toml (the parts ``qscore train`` never changes)."""
+        from qscore.weights import load_state
+
+        if self.config.sam not in SAM_KEYS or self.config.clip_arch != "ViT-B-16":
+            raise MissingWeights(f"no official weights for sam={self.config.sam} clip={self.config.clip_arch}; use --weights random")
+        self.regions.sam.load_state_dict(load_state(registry.path(SAM_KEYS[self.config.sam])))
+        import open_clip
+
+        open_clip.load_checkpoint(self.describer.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
+        self.describer.reset()
+
+    def load_official(self, registry: Any) -> tuple[str, str]:
+        """The score head is a ``qscore train rsfiqa`` checkpoint registered as ``rsfiqa-head``
+        (the paper released no weights)."""
+        from qscore.weights import load_checkpoint
+
+        try:
+            path = registry.path("rsfiqa-head")
+        except (KeyError, MissingWeights) as e:
+            raise MissingWeights(
+                "rsfiqa has no official head (the paper released no weights): train one with "
+                f"`qscore train rsfiqa`, register it as 'rsfiqa-head' or pass --weights FILE, or use --weights random ({e})"
+            ) from e
+        state, card = load_checkpoint(path, expect_model=self.spec.name)
+        self.load_trained(state, card, registry)
+        return card["weights_id"], "trained"
+
+    def load_trained(self, state: dict[str, Tensor], card: dict, registry: Any) -> None:
+        if card.get("backbone") == "official":
+            self.load_frozen(registry)
+        unknown = sorted(set(state) - set(self.state_dict()))
+        if unknown:
+            raise ValueError(f"checkpoint has tensors this model does not: {unknown[:5]}")
+        self.load_state_dict(state, strict=False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Backbone, RSA and head; SAM and the describer stay frozen (their outputs are cached)."""
+        return [p for m in (self.backbone, self.rsa) for p in m.parameters() if p.requires_grad]
+
+    def training_loss(self, batch: dict[str, Tensor], targets: Tensor) -> Tensor:
+        """L1 on normalised MOS plus ``rank_weight`` x the pairwise rank loss."""
+        from qscore.train.losses import l1_loss, rank_loss
+
+        pred = self(batch)["score"].float()
+        return l1_loss(pred, targets) + self.config.rank_weight * rank_loss(pred, targets.float())
+
+
+def overlay_on(sample: Sample, heat: np.ndarray) -> np.ndarray:
+    """The heatmap over the image at its original size (from the kept working-size preview)."""
+    from PIL import Image
+
+    from qscore.artefacts import overlay
+
+    h, w = sample.keep["size"]
+    preview = sample.keep["preview"]
+    if preview.shape[:2] != (h, w):
+        preview = np.asarray(Image.fromarray(preview).resize((w, h), Image.BILINEAR))
+    return overlay(preview, heat)

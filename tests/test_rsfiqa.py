@@ -1,0 +1,162 @@
+"""RSFIQA on the CPU: RSA invariants, crops, heatmap size, region cache, backbone swap, training."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qscore.models.base import Item
+from qscore.models.rsfiqa import RSA, RSFIQA, Backbone, parse_answer
+
+SMALL = dict(backbone="test_resnet", crop_size=64, test_grid=2, max_side=128, dim=32, heads=2)
+
+
+def write_image(path, h, w, seed):
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2] = (200, 40, 30)
+    img[: h // 2, w // 2 :] = (30, 180, 60)
+    img[h // 2 :, w // 2 :] = rng.integers(0, 255, (h - h // 2, w - w // 2, 3))
+    Image.fromarray(img).save(path)
+    st = os.stat(path)
+    return Item(str(path), path.name, st.st_size, st.st_mtime)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    cache = tmp_path_factory.mktemp("cache")
+    return RSFIQA(RSFIQA.make_config("tiny", cache_dir=str(cache), **SMALL)).eval()
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    return [write_image(folder / "a.png", 150, 200, 0), write_image(folder / "b.png", 96, 80, 1)]
+
+
+def run(model, items, train=False):
+    prepare = model.preparer(train=train)
+    samples = [prepare(item) for item in items]
+    with torch.no_grad():
+        outputs = model(model.collate(samples))
+    return samples, outputs
+
+
+def random_regions(seed, b=2, r=5, h=6, w=6, c=24, e=12):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, r - 1, (b, h * 4, w * 4), generator=g)  # region r-1 never appears
+    area = torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.one_hot(labels, r).permute(0, 3, 1, 2).float(), (h, w))
+    return torch.randn(b, c, h, w, generator=g), area, torch.randn(b, r, e, generator=g)
+
+
+def test_rsa_attention_sums_to_one_and_absent_regions_weigh_zero():
+    torch.manual_seed(0)
+    rsa = RSA(24, 12, dim=32, layers=2, heads=4).eval()
+    feats, area, regions = random_regions(0)
+    present = area.flatten(2).sum(-1) > 0
+    score, g, w = rsa(feats, area, regions, present)
+    assert score.shape == (2,) and g.shape == (2, 6, 6)
+    torch.testing.assert_close(g.flatten(1).sum(-1), torch.ones(2))
+    assert bool((g >= 0).all())
+    assert not present[:, -1].any() and bool((w[:, -1] == 0).all())
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))
+
+
+def test_rsa_region_order_does_not_change_the_score():
+    torch.manual_seed(1)
+    rsa = RSA(24, 12, dim=32, layers=2, heads=4).eval()
+    feats, area, regions = random_regions(1)
+    present = area.flatten(2).sum(-1) > 0
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    s1, g1, w1 = rsa(feats, area, regions, present)
+    s2, g2, w2 = rsa(feats, area[:, perm], regions[:, perm], present[:, perm])
+    torch.testing.assert_close(s1, s2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w1[:, perm], w2, atol=1e-6, rtol=1e-5)
+
+
+def test_end_to_end_heatmap_columns_and_cache_hit(model, items):
+    samples, first = run(model, items)
+    assert not any("labels" in s.inputs for s in samples)  # cold cache: SAM + describer ran
+    outputs = model.postprocess({k: v.float() for k, v in first.items()}, samples)
+    for item, sample, out in zip(items, samples, outputs):
+        h, w = np.asarray(Image.open(item.path)).shape[:2]
+        assert out.artefacts["heatmap"].shape == (h, w, 3) and out.artefacts["heatmap"].dtype == np.uint8
+        cols = out.columns
+        assert set(cols) == {"score", *RSFIQA.spec.columns}
+        assert 0 <= cols["score"] <= 1 and 1 <= cols["n_regions"] <= model.config.r_max
+        assert 0 < cols["top_region_weight"] <= 1 and all(0 <= cols[f"rating_{d}"] <= 1 for d in ("noise", "blur"))
+        # the heatmap covers the working image and integrates to one per crop on average
+        heat = out.arrays["heatmap"]
+        assert heat.shape == sample.inputs["image"].shape[1:] and heat.min() >= 0 and heat.max() > 0
+    assert sample.inputs["image"].shape[1:] == (96, 80) and samples[0].inputs["image"].shape[1:] == (96, 128)
+    samples, second = run(model, items)
+    assert all("labels" in s.inputs for s in samples)  # warm cache: nothing recomputed
+    torch.testing.assert_close(second["score"], first["score"])
+    assert torch.equal(second["n_regions"], first["n_regions"])
+
+
+def test_score_does_not_depend_on_batch(model, items):
+    _, both = run(model, items)
+    alone = torch.cat([run(model, [item])[1]["score"] for item in items])
+    torch.testing.assert_close(both["score"], alone, atol=1e-6, rtol=1e-5)
+
+
+def test_label_map_is_cropped_with_the_image(model):
+    labels = torch.randint(0, 4, (1, 100, 90), dtype=torch.uint8)
+    batch = {
+        "image": (labels * 50)[:, None].expand(1, 3, 100, 90).clone(),
+        "labels": labels,
+        "origins": torch.tensor([[[0, 0], [36, 26], [10, 5]]]),
+        "flip": torch.tensor([[False, True, False]]),
+    }
+    images, crops = model.crops(batch)
+    assert images.shape == (3, 3, 64, 64) and crops.shape == (3, 64, 64)
+    assert torch.equal(images[:, 0].long(), crops * 50)
+    assert torch.equal(crops[1], labels[0, 36:100, 26:90].flip(-1).long())
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit", "tv:mobilenet_v3_small"])
+def test_backbone_swap_gives_a_feature_map(name):
+    backbone = Backbone(name, 64).eval()
+    out = backbone(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    assert out.dim() == 4 and out.shape[:2] == (2, backbone.channels) and out.shape[-1] >= 1
+
+
+def test_vit_backbone_runs_the_whole_model(tmp_path, items):
+    torch.manual_seed(0)
+    config = RSFIQA.make_config("tiny", cache_dir=str(tmp_path), **{**SMALL, "backbone": "test_vit"})
+    model = RSFIQA(config).eval()
+    _, outputs = run(model, items[1:])
+    assert outputs["score"].shape == (1,) and torch.isfinite(outputs["score"]).all()
+
+
+def test_training_step_updates_backbone_and_rsa_only(model, items):
+    model.train()
+    try:
+        prepare = model.preparer(train=True)
+        batch = model.collate([prepare(item) for item in items])
+        assert batch["origins"].shape == (2, 1, 2)
+        loss = model.training_loss(batch, torch.tensor([0.3, 0.8]))
+        loss.backward()
+    finally:
+        model.eval()
+    assert torch.isfinite(loss)
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert trainable and all(p.grad is not None for p in model.trainable_parameters() if p.dim() > 1)
+    assert all(id(p) not in trainable for p in model.regions.parameters())
+    assert all(id(p) not in trainable for p in model.describer.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_mllm_answer_parsing():
+    ratings, content = parse_answer('Sure: {"content": "dog", "colour": 0, "noise": 4, "artifact": 2, "blur": 1, '
+                                    '"exposure": 0, "overall": 3}')
+    assert ratings == [1.0, 0.0, 0.5, 0.75, 1.0, 0.75]
+    ratings, content_unknown = parse_answer("no json here")
+    assert ratings == [0.5] * 6 and content != content_unknown
