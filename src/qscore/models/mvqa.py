@@ -1,0 +1,245 @@
+"""MVQA (arXiv 2504.16003): video quality with a bidirectional Mamba over USDS samples.
+
+USDS (``qscore.media.sampling.usds``) turns each frame into one 224x224 image: a 7x7 grid of
+native-resolution 32x32 fragments (distortion) whose bottom-right 16x16 quadrants hold the tiles
+of the whole frame resized to 112x112 (semantics). A VideoMamba backbone reads the 32-frame clip
+as 1 + 32 x 196 tokens (regression token first, time-major) and a small head regresses the
+regression token to a score. The backbone's parameter names are VideoMamba's, so its Kinetics-400
+checkpoints (weights.toml keys ``videomamba-t16-k400`` / ``videomamba-m16-k400``) load into it.
+The authors released no weights: a score needs a head trained with ``qscore train mvqa``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qscore.media.sampling import clip_indices, normalize, to_tensor, uniform_indices, usds
+from qscore.media.video import open_video
+from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Sample
+from qscore.models.mamba import IMPLS, MambaBlock
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class MVQAConfig:
+    d_model: int = 192
+    depth: int = 24
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    patch: int = 16  # token patch side (VideoMamba's "16")
+    frames: int = 32  # frames per clip (T)
+    interval: int = 2  # clip of `frames` frames `interval` apart; 0: spread over the whole video
+    clips: int = 1  # test-time clips, spread over the video, scores averaged
+    grid: int = 7  # USDS: grid x grid fragments per frame
+    fragment: int = 32  # USDS: fragment side at native resolution; frame side = grid * fragment
+    drop_path: float = 0.1  # stochastic depth, linear from 0 to this over the blocks
+    head_hidden: int = 64
+    scan: str = "auto"  # selective scan: auto (fused on CUDA when installed) | reference | fused
+    backbone_weights: str = "videomamba-t16-k400"  # weights.toml key for `--backbone official`
+    seed: int = 0  # run seed: per-file fragment offsets derive from it
+
+
+class VideoMamba(nn.Module):
+    """VideoMamba's feature extractor with its checkpoint key names: ``patch_embed.proj``,
+    ``cls_token``, ``pos_embed``, ``temporal_pos_embedding``, ``layers.N.{norm, mixer.*}``,
+    ``norm_f``. (b, 3, T, H, W) -> the regression token's features (b, d_model)."""
+
+    def __init__(self, cfg: MVQAConfig):
+        super().__init__()
+        side = cfg.grid * cfg.fragment
+        if side % cfg.patch:
+            raise ValueError(f"frame side {side} (grid x fragment) is not a multiple of patch {cfg.patch}")
+        d = cfg.d_model
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv3d(3, d, (1, cfg.patch, cfg.patch), (1, cfg.patch, cfg.patch))})
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (side // cfg.patch) ** 2, d))
+        self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, cfg.frames, d))
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        mixer = dict(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, impl=cfg.scan)
+        self.layers = nn.ModuleList(MambaBlock(d, rate, **mixer) for rate in rates)
+        self.norm_f = nn.RMSNorm(d, eps=1e-5)
+        self._init(cfg.depth)
+
+    def _init(self, depth: int) -> None:
+        """Mamba's scheme (PyTorch's default for the projections, Mamba's own for dt, A and D)
+        with truncated-normal position embeddings and out_proj scaled by 1/sqrt(depth), the
+        GPT-2 rule for a residual stream of `depth` adds. VideoMamba's extra std-0.02 reset of
+        every projection is left out: from scratch it leaves the scan's share of each output
+        near 1e-6 of the skip path, so tokens barely mix at the start of training."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for layer in self.layers:
+            layer.mixer.out_proj.weight.data /= depth**0.5
+
+    def forward(self, video: Tensor) -> Tensor:
+        x = self.patch_embed["proj"](video)  # (b, d, T, h, w)
+        b, _, frames, _, _ = x.shape
+        if frames != self.temporal_pos_embedding.shape[1]:
+            raise ValueError(f"expected {self.temporal_pos_embedding.shape[1]} frames, got {frames}")
+        x = x.flatten(3).permute(0, 2, 3, 1)  # (b, T, hw, d)
+        x = x + self.pos_embed[:, None, 1:] + self.temporal_pos_embedding[:, :, None]
+        token = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
+        x = torch.cat([token, x.flatten(1, 2)], dim=1).float()  # (b, 1 + T*hw, d), fp32 residual
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm_f(x[:, 0])  # RMSNorm is per token: only the regression token is needed
+
+
+@dataclass
+class USDSPreparer:
+    """Item -> Sample: decode the clip's frames only, USDS per clip, ImageNet normalisation.
+    ``inputs["video"]``: (clips, T, 3, side, side). Picklable: holds only the sampling config."""
+
+    frames: int
+    interval: int
+    clips: int
+    grid: int
+    fragment: int
+    seed: int
+    train: bool = False
+
+    def __call__(self, item: Item) -> Sample:
+        start = time.perf_counter()
+        with open_video(item.path) as reader:
+            clips = self.clip_frames(reader.n_frames)
+            frames = reader.frames(np.concatenate(clips).tolist())
+            facts = reader.facts()
+        facts.update(frames_used=len(np.unique(np.concatenate(clips))), decode_ms=1000 * (time.perf_counter() - start))
+        # Training draws fresh fragment offsets every epoch (the worker's torch RNG); scoring
+        # fixes them by the file so the same file always gives the same score.
+        seed = int(torch.randint(2**62, ())) if self.train else item.seed(self.seed)
+        video = to_tensor(frames).unflatten(0, (self.clips, self.frames))  # (clips, T, 3, H, W)
+        side = self.grid * self.fragment
+        samples = [usds(clip, self.grid, self.fragment, seed + i) for i, clip in enumerate(video)]
+        video = normalize(torch.stack(samples), IMAGENET_MEAN, IMAGENET_STD)
+        if video.shape[-2:] != (side, side):
+            raise ValueError(f"usds gave {tuple(video.shape[-2:])}, expected {(side, side)}")
+        return Sample(item, {"video": video}, facts)
+
+    def clip_frames(self, n_frames: int) -> list[np.ndarray]:
+        """Frame indices of each clip: the video cut into ``clips`` equal spans, one clip in each."""
+        bounds = np.linspace(0, n_frames, self.clips + 1).astype(int)
+        return [
+            lo + np.asarray(clip_indices(hi - lo, self.frames, self.interval) if self.interval else uniform_indices(hi - lo, self.frames))
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+
+
+class MVQA(Model):
+    spec = ModelSpec(
+        name="mvqa",
+        task="video",
+        summary="MVQA: bidirectional Mamba (VideoMamba) on USDS fragments + semantic tiles; no-reference video quality",
+        paper="arXiv:2504.16003",
+        licence="Apache-2.0 (VideoMamba code and Kinetics-400 weights); no official MVQA weights",
+        weights_keys=("videomamba-t16-k400", "videomamba-m16-k400", "mvqa-head"),
+        score_range="unbounded: the scale of the labels the head was trained on (higher is better)",
+    )
+    Config = MVQAConfig
+    presets = {
+        "tiny": {},
+        "middle": {"d_model": 576, "depth": 32, "backbone_weights": "videomamba-m16-k400"},
+        "test": {"d_model": 32, "depth": 2, "frames": 4, "grid": 2, "head_hidden": 16, "backbone_weights": ""},
+    }
+
+    def __init__(self, config: MVQAConfig):
+        super().__init__(config)
+        if config.scan not in IMPLS:
+            raise ValueError(f"scan must be one of {', '.join(IMPLS)}, got {config.scan!r}")
+        self.backbone = VideoMamba(config)
+        self.head = nn.Sequential(nn.Linear(config.d_model, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
+        for layer in self.head:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+
+    def preparer(self, train: bool = False) -> Callable[[Item], Sample]:
+        c = self.config
+        clips = 1 if train else c.clips
+        return USDSPreparer(c.frames, c.interval, clips, c.grid, c.fragment, c.seed, train)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        video = batch["video"]  # (b, clips, T, 3, H, W)
+        features = self.backbone(video.flatten(0, 1).transpose(1, 2))  # (b*clips, d)
+        scores = self.head(features).float().view(video.shape[0], video.shape[1])
+        return {"score": scores.mean(1)}
+
+    # ---- weights ----------------------------------------------------------------------------
+    def load_official(self, registry: Any) -> tuple[str, str]:
+        """The only source of a score is a head trained with ``qscore train mvqa`` and registered
+        as ``mvqa-head``: MVQA's authors released no weights."""
+        from qscore.weights import load_checkpoint
+
+        try:
+            path = registry.path("mvqa-head")
+        except (KeyError, MissingWeights) as e:
+            raise MissingWeights(
+                "mvqa has no official weights (the authors released none): train one with "
+                "`qscore train mvqa` (optionally from VideoMamba's Kinetics-400 backbone), register it "
+                f"as 'mvqa-head' or pass --weights FILE, or use --weights random ({e})"
+            ) from e
+        state, card = load_checkpoint(path, expect_model=self.spec.name)
+        self.load_trained(state, card, registry)
+        return card["weights_id"], "trained"
+
+    def load_trained(self, state: dict[str, Tensor], card: dict, registry: Any) -> None:
+        """A ``qscore train`` checkpoint, on top of the VideoMamba backbone when it started from
+        one (``card["backbone"] == "official"``)."""
+        if card.get("backbone") == "official":
+            self.load_backbone(registry)
+        unknown = sorted(set(state) - set(self.state_dict()))
+        if unknown:
+            raise ValueError(f"checkpoint has tensors this model does not: {unknown[:5]}")
+        self.load_state_dict(state, strict=False)
+
+    def load_backbone(self, registry: Any) -> list[str]:
+        """VideoMamba's Kinetics-400 checkpoint for this size from weights.toml into the backbone
+        (the quality head stays as it is). Returns the checkpoint keys it ignored."""
+        from qscore.weights import load_state
+
+        key = self.config.backbone_weights
+        if not key:
+            raise MissingWeights(f"no VideoMamba checkpoint matches d_model={self.config.d_model}, depth={self.config.depth}")
+        return self.load_videomamba(load_state(registry.path(key)))
+
+    def load_videomamba(self, state: dict[str, Tensor]) -> list[str]:
+        """Load a VideoMamba state dict, strict on the backbone: every backbone tensor must be
+        there with its shape (position embeddings are resampled to this grid and frame count).
+        Returns the keys left out (VideoMamba's 400-class ``head.*`` and anything else extra)."""
+        for wrapper in ("model", "module", "state_dict"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+        own = self.backbone.state_dict()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise ValueError(f"not a VideoMamba checkpoint for this backbone: missing {missing[:5]} ({len(missing)} in all)")
+        picked = {k: _resample(k, state[k], own[k].shape) for k in own}
+        wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in picked.items() if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"VideoMamba checkpoint does not fit this preset: {'; '.join(wrong[:5])}")
+        self.backbone.load_state_dict(picked, strict=True)
+        return sorted(set(state) - set(own))
+
+
+def _resample(key: str, value: Tensor, shape: torch.Size) -> Tensor:
+    """Fit a checkpoint's position embeddings to this model: temporal (1, T, d) linearly over
+    time, spatial (1, 1 + g*g, d) bicubically over the grid (the regression token's row kept)."""
+    if value.shape == shape:
+        return value
+    if key == "temporal_pos_embedding":
+        return F.interpolate(value.float().transpose(1, 2), size=shape[1], mode="linear", align_corners=False).transpose(1, 2)
+    if key == "pos_embed":
+        old, new = int((value.shape[1] - 1) ** 0.5), int((shape[1] - 1) ** 0.5)
+        grid = value[:, 1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+        return torch.cat([value[:, :1].float(), grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+    return value
