@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, normalize
 from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Output, Sample
 from qscore.models.clip_common import AntonymPrompts, build_clip, encode_images
 
@@ -30,7 +31,6 @@ OBJECTIVE = "sharp/blurry, clean/noisy, bright/dark, colorful/dull, smooth/block
 SUBJECTIVE = (
     "comfortable to watch/uncomfortable to watch, beautiful/ugly, pleasant/annoying, natural/unnatural, good/bad"
 )
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
@@ -66,6 +66,7 @@ class CLiFVQAConfig:
     fragment_patch: int = 32
     spatial_backbone: str = "resnet18"  # any timm 2D model name (random init, trainable)
     hidden: int = 256
+    max_side: int = 3840  # decode cap on the longer side (0: none); windows are native below it
     heatmap: bool = True  # write the per-video heatmap (costs a full-size overlay per file)
     seed: int = 0  # fragment sampling seed (mixed with the file's own seed)
 
@@ -92,6 +93,7 @@ class CLiFVQAPrepare:
     fragment_grid: int
     fragment_patch: int
     keep_frame: bool
+    max_side: int
     seed: int
 
     def __call__(self, item: Item) -> Sample:
@@ -99,7 +101,7 @@ class CLiFVQAPrepare:
         from qscore.media.video import open_video
 
         t0 = time.perf_counter()
-        with open_video(item.path) as reader:
+        with open_video(item.path, max_side=self.max_side or None) as reader:
             if self.sampler == "framediff":
                 indices = sampling.framediff_indices(reader, self.frames)
             else:
@@ -108,16 +110,16 @@ class CLiFVQAPrepare:
             facts = reader.facts()
         facts = {**facts, "frames_used": len(frames), "decode_ms": (time.perf_counter() - t0) * 1e3}
         x = sampling.to_tensor(frames)  # (T, 3, H, W) in [0, 1]
-        windows, boxes = sampling.sliding_windows(x, self.window, tuple(self.grid))
+        windows, boxes = sampling.sliding_windows(x, self.window, tuple(self.grid))  # (T, G, 3, S, S)
         inputs = {
-            "windows": to_uint8(windows.reshape(len(x), -1, *windows.shape[-3:])),
+            "windows": to_uint8(windows),
             "fragments": to_uint8(
                 sampling.fragments(x, self.fragment_grid, self.fragment_patch, item.seed(self.seed))
             ),
         }
         if self.whole:
             inputs["frames"] = to_uint8(sampling.squash_resize(x, (self.window, self.window)))
-        keep = {"boxes": np.asarray(boxes, dtype=np.int64).reshape(-1, 4), "size": tuple(frames.shape[1:3])}
+        keep = {"boxes": boxes.numpy(), "size": tuple(frames.shape[1:3])}  # boxes: (G, 4) y0, x0, y1, x1
         if self.keep_frame:
             keep["frame"] = np.ascontiguousarray(frames[len(frames) // 2])
         return Sample(item, inputs, facts, keep)
@@ -128,16 +130,25 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def window_heat(values: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Per-window values (G,) -> float32 map (H, W): each pixel averages the windows covering it
-    (boxes (G, 4) as x0, y0, x1, y1 in frame pixels); uncovered pixels get the mean value."""
-    total = np.zeros(size, np.float64)
-    count = np.zeros(size, np.float64)
-    for v, (x0, y0, x1, y1) in zip(values, boxes):
-        total[y0:y1, x0:x1] += v
-        count[y0:y1, x0:x1] += 1
-    heat = np.where(count > 0, total / np.maximum(count, 1), float(np.mean(values)))
-    return heat.astype(np.float32)
+def band_weights(starts: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+    """(length, K) weights of K bands [start, end) along one axis: each position averages the
+    bands nearest to it (distance 0 = the bands covering it); rows sum to 1."""
+    pos = np.arange(length)[:, None]
+    gap = np.maximum(0, np.maximum(starts[None] - pos, pos - (ends[None] - 1)))
+    near = gap == gap.min(1, keepdims=True)
+    return near / near.sum(1, keepdims=True)
+
+
+def window_heat(values: np.ndarray, boxes: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Per-window values (G,) of a row-major rows x cols grid -> float32 map (H, W). A pixel
+    averages the windows covering it (overlaps of upsampled small frames); pixels between
+    native-resolution windows take the nearest ones. boxes: (G, 4) y0, x0, y1, x1 in frame
+    pixels. Window (r, c) covers (y, x) iff row band r covers y and column band c covers x,
+    so the map is A @ V @ B.T with per-axis band weights A (H, rows), B (W, cols)."""
+    rows, cols = grid
+    a = band_weights(boxes[::cols, 0], boxes[::cols, 2], size[0])
+    b = band_weights(boxes[:cols, 1], boxes[:cols, 3], size[1])
+    return (a @ values.reshape(rows, cols) @ b.T).astype(np.float32)
 
 
 class CLiFVQA(Model):
@@ -182,10 +193,7 @@ class CLiFVQA(Model):
             self.window_prompts = AntonymPrompts(self.clip, tokenizer, obj)
             self.frame_prompts = AntonymPrompts(self.clip, tokenizer, subj)
         self.feeling_names = [feeling_name(p) for p, _ in objective + subjective]
-        self.register_buffer("clip_mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("clip_std", torch.tensor(std).view(3, 1, 1), persistent=False)
-        self.register_buffer("net_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("net_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        self.clip_norm = (mean, std)
         self.spatial = timm.create_model(config.spatial_backbone, pretrained=False, num_classes=0)
         width = self.spatial.num_features + len(self.feeling_names) + self.clip.text_projection.shape[1]
         self.head = nn.Sequential(
@@ -242,6 +250,7 @@ class CLiFVQA(Model):
             fragment_grid=c.fragment_grid,
             fragment_patch=c.fragment_patch,
             keep_frame=c.heatmap and not train,
+            max_side=c.max_side,
             seed=c.seed,
         )
 
@@ -249,7 +258,7 @@ class CLiFVQA(Model):
         """Frozen CLIP on images (N, 3, S, S) in [0, 1] -> (feeling probabilities (N, K),
         L2-normalised embeddings (N, D))."""
         with torch.no_grad():
-            emb = encode_images(self.clip, (images - self.clip_mean) / self.clip_std, self.config.clip_chunk)
+            emb = encode_images(self.clip, normalize(images, *self.clip_norm), self.config.clip_chunk)
             return prompts(emb), emb
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -269,7 +278,7 @@ class CLiFVQA(Model):
         if self.zero_shot:
             out["score"] = feelings.mean(1)
             return out
-        frags = (batch["fragments"].flatten(0, 1).float() / 255 - self.net_mean) / self.net_std
+        frags = normalize(batch["fragments"].flatten(0, 1).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
         spatial = self.spatial(frags).view(b, t, -1).mean(1)  # (B, C): temporal mean
         fused = torch.cat([spatial.float(), feelings, emb.mean(1)], dim=1)
         out["score"] = self.head(fused).squeeze(1)
@@ -284,7 +293,8 @@ class CLiFVQA(Model):
             if "frame" in sample.keep:
                 from qscore.artefacts import overlay
 
-                heat = window_heat(outputs["window_quality"][i].numpy(), sample.keep["boxes"], sample.keep["size"])
+                values = outputs["window_quality"][i].numpy()
+                heat = window_heat(values, sample.keep["boxes"], self.config.window_grid, sample.keep["size"])
                 result.artefacts["heatmap"] = overlay(sample.keep["frame"], heat)
                 result.arrays["heatmap"] = heat
             results.append(result)
