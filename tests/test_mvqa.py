@@ -144,7 +144,7 @@ def test_videomamba_checkpoint_loads_strict_on_the_backbone():
     model = make()
     state = videomamba_state()
     head = {k: v.clone() for k, v in model.head.state_dict().items()}
-    ignored = model.load_videomamba({"model": state})
+    ignored = model.load_videomamba(state)
     assert ignored == ["head.bias", "head.weight"]  # the 400-class head is reported, not loaded
     own = model.backbone.state_dict()
     assert set(own) == set(state) - set(ignored)
@@ -182,6 +182,38 @@ def test_no_official_head_means_missing_weights_not_a_fake_score():
         make().load_backbone(NoWeights())  # the test preset has no VideoMamba checkpoint
 
 
+class FakeRegistry:
+    """weights.toml stand-in: each key maps to a local file."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+
+    def path(self, key):
+        if key not in self.files:
+            raise MissingWeights(f"{key} has no file yet")
+        return self.files[key]
+
+
+def test_trained_checkpoint_over_the_videomamba_backbone(tmp_path):
+    from qscore.weights import save_checkpoint
+
+    state = videomamba_state()
+    torch.save({"model": state}, tmp_path / "videomamba.pth")  # the official files' layout
+    registry = FakeRegistry({"videomamba-t16-k400": tmp_path / "videomamba.pth"})
+    trained = make(torch_seed=1, backbone_weights="videomamba-t16-k400")
+    head = {f"head.{k}": v for k, v in trained.head.state_dict().items()}
+    save_checkpoint(tmp_path / "best.safetensors", head, {"model": "mvqa", "preset": "test", "backbone": "official"})
+
+    model = make(backbone_weights="videomamba-t16-k400")
+    weights_id, kind = model.load(str(tmp_path / "best.safetensors"), registry)
+    assert kind == "trained" and weights_id.startswith("sha256:")
+    assert torch.equal(model.backbone.layers[1].mixer.A_b_log, state["layers.1.mixer.A_b_log"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in head.items())
+    # registered as mvqa-head, the same checkpoint is the official score
+    registry.files["mvqa-head"] = tmp_path / "best.safetensors"
+    assert make(backbone_weights="videomamba-t16-k400").load(None, registry) == (weights_id, "trained")
+
+
 # ---- preparer ----------------------------------------------------------------------------------
 @pytest.mark.skipif(not (VIDEOS / "bikes.mp4").is_file(), reason="shared test videos not present")
 def test_preparer_on_a_real_video_is_deterministic_per_file():
@@ -205,7 +237,14 @@ def test_training_loss_decreases_on_a_tiny_problem():
     video = random_video(model, batch=6, seed=1)
     target = torch.linspace(0, 1, 6)
     video = video + target.view(6, 1, 1, 1, 1, 1)  # a learnable brightness-like signal
-    optimiser = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    groups = model.trainable_parameters()
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    head = [g for g in groups if g["lr_scale"] == 1.0]
+    assert {id(p) for g in head for p in g["params"]} == {id(p) for p in model.head.parameters()}
+    no_decay = {id(p) for g in groups if g.get("weight_decay") == 0.0 for p in g["params"]}
+    assert id(model.backbone.pos_embed) in no_decay and id(model.backbone.layers[0].mixer.A_b_log) in no_decay
+    assert id(model.backbone.layers[0].mixer.in_proj.weight) not in no_decay
+    optimiser = torch.optim.AdamW([dict(g, lr=1e-3 * g.pop("lr_scale")) for g in groups], lr=1e-3)
     losses = []
     for _ in range(15):
         loss = model.training_loss({"video": video}, target)

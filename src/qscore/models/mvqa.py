@@ -20,13 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qscore.media.sampling import clip_indices, normalize, to_tensor, uniform_indices, usds
+from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, clip_indices, normalize, to_tensor, uniform_indices, usds
 from qscore.media.video import open_video
 from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Sample
 from qscore.models.mamba import IMPLS, MambaBlock
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -44,9 +41,13 @@ class MVQAConfig:
     fragment: int = 32  # USDS: fragment side at native resolution; frame side = grid * fragment
     drop_path: float = 0.1  # stochastic depth, linear from 0 to this over the blocks
     head_hidden: int = 64
+    backbone_lr_scale: float = 0.1  # backbone lr = this x the run's lr (FAST-VQA: 1e-4 vs 1e-3 head)
     scan: str = "auto"  # selective scan: auto (fused on CUDA when installed) | reference | fused
     backbone_weights: str = "videomamba-t16-k400"  # weights.toml key for `--backbone official`
     seed: int = 0  # run seed: per-file fragment offsets derive from it
+
+
+NO_DECAY = ("cls_token", "pos_embed", "temporal_pos_embedding", "A_log", "A_b_log")
 
 
 class VideoMamba(nn.Module):
@@ -173,6 +174,18 @@ class MVQA(Model):
         scores = self.head(features).float().view(video.shape[0], video.shape[1])
         return {"score": scores.mean(1)}
 
+    def trainable_parameters(self) -> list[dict]:
+        """AdamW groups for ``qscore train``: the head at the run's lr, the backbone at
+        ``backbone_lr_scale`` times it; no weight decay on position embeddings, the regression
+        token, A, D, norms and biases (VideoMamba's and Mamba's choice)."""
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                scale = 1.0 if name.startswith("head.") else self.config.backbone_lr_scale
+                decay = p.ndim > 1 and not name.endswith(NO_DECAY)
+                groups.setdefault((scale, decay), []).append(p)
+        return [{"params": ps, "lr_scale": scale, **({} if decay else {"weight_decay": 0.0})} for (scale, decay), ps in groups.items()]
+
     # ---- weights ----------------------------------------------------------------------------
     def load_official(self, registry: Any) -> tuple[str, str]:
         """The only source of a score is a head trained with ``qscore train mvqa`` and registered
@@ -215,9 +228,6 @@ class MVQA(Model):
         """Load a VideoMamba state dict, strict on the backbone: every backbone tensor must be
         there with its shape (position embeddings are resampled to this grid and frame count).
         Returns the keys left out (VideoMamba's 400-class ``head.*`` and anything else extra)."""
-        for wrapper in ("model", "module", "state_dict"):
-            if isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
         own = self.backbone.state_dict()
         missing = sorted(set(own) - set(state))
         if missing:
