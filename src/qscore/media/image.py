@@ -77,12 +77,15 @@ def load_image(
             warnings.simplefilter("always")
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below
             img = _open_checked(f, head, max_pixels)
+            deep = _rawmode(img).endswith(("16", "16B", "16L"))  # tile info is gone after load
+            size = img.size  # before any reduced-scale (draft) decoding
             if max_side:
                 _draft(img, max_side)
             try:
                 img.load()
                 img = _first_frame(img, notes)
-                img = _orient(img, notes)
+                img, transposed = _orient(img, notes)
+                size = size[::-1] if transposed else size
             except OSError as e:
                 msg = str(e)
                 if "truncated" in msg:
@@ -91,8 +94,7 @@ def load_image(
             except (ValueError, SyntaxError, EOFError, MemoryError) as e:
                 raise MediaError(f"corrupt {img.format} data: {e}") from e
         notes += [str(w.message) for w in caught]
-    size = img.size
-    img = _to_rgb(img, notes)
+    img = _to_rgb(img, notes, deep)
     if max_side and max(img.size) > max_side:
         scale = max_side / max(img.size)
         small = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
@@ -147,30 +149,34 @@ def _first_frame(img: Image.Image, notes: list[str]) -> Image.Image:
     return img
 
 
-def _orient(img: Image.Image, notes: list[str]) -> Image.Image:
-    """Apply the EXIF orientation tag (phones store rotated pixels plus this tag)."""
+def _orient(img: Image.Image, notes: list[str]) -> tuple[Image.Image, bool]:
+    """Apply the EXIF orientation tag (phones store rotated pixels plus this tag); also say
+    whether width and height swapped."""
     try:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:  # unreadable EXIF block: pixels are still fine
         notes.append("unreadable EXIF data ignored")
-        return img
+        return img, False
     if orientation in (2, 3, 4, 5, 6, 7, 8):
         notes.append(f"EXIF orientation {orientation} applied")
-        return ImageOps.exif_transpose(img)
-    return img
+        return ImageOps.exif_transpose(img), orientation >= 5
+    return img, False
 
 
-def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
+def _to_rgb(img: Image.Image, notes: list[str], deep: bool = False) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; high bit depths are rescaled (not clipped), alpha is
-    composited on white."""
+    composited on white. ``deep``: 16-bit colour samples that Pillow already reduced to their
+    high byte while decoding."""
     mode = img.mode
+    if deep and mode in ("RGB", "RGBA"):
+        notes.append(f"16-bit {mode} reduced to 8 bit")
     if mode == "RGB":
-        if _rawmode(img).endswith(";16B") or _rawmode(img).endswith(";16"):
-            notes.append("16-bit RGB reduced to 8 bit")
         return img
     if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         notes.append("palette image converted to RGB")
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if img.mode == "RGB":
+            return img
         mode = img.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
@@ -195,8 +201,9 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
 
 
 def _rawmode(img: Image.Image) -> str:
+    """The decoder's raw sample layout, e.g. "RGB;16B" for a 48-bit PNG ("" if unknown)."""
     tile = getattr(img, "tile", None) or []
-    args = tile[0].args if tile and hasattr(tile[0], "args") else ""
+    args = tile[0][3] if tile else ""
     return args if isinstance(args, str) else ""
 
 
