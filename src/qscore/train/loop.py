@@ -1,0 +1,451 @@
+"""`qscore train` / `qscore eval`: one loop for every model, through the Model interface.
+
+Training: AdamW over ``model.trainable_parameters()`` (a list of parameters, or of param-group
+dicts that may carry ``lr_scale``), linear warm-up per iteration then cosine to 0, bf16 autocast
+on CUDA, ``model.training_loss(batch, targets)``. Every epoch: validation (quality: SRCC + PLCC,
+forgery: F1 picks the best), ``last.safetensors`` + ``last.resume.pt`` (optimiser, scheduler,
+epoch) and, when it improved, ``best.safetensors``; each with its JSON card. ``--resume``
+reloads the last checkpoint and continues the same schedule: each epoch reseeds the RNGs from
+(seed, epoch), so a resumed run ends with the same weights as an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from qscore import __version__, registry
+from qscore.models.base import MissingWeights, Model, Sample
+from qscore.runner import Failure, Prepared, UsageError, pick_device
+from qscore.train.labels import Labels, read_labels
+from qscore.train.metrics import ForgeryMeter, quality_metrics
+
+log = logging.getLogger("qscore")
+
+DEFAULT_LR, DEFAULT_WD = 1e-3, 0.05
+RESUME_SUFFIX = ".resume.pt"
+
+
+@dataclass
+class TrainOptions:
+    model: str
+    labels: str
+    out: Path
+    val: str | None = None
+    root: str | None = None
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init: str = "official"  # official: pretrained backbone from weights.toml; random: from scratch
+    registry: str | None = None
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float | None = None  # None: the model's own (config / spec `lr`), else DEFAULT_LR
+    weight_decay: float | None = None
+    warmup_epochs: float = 1.0
+    device: str = "auto"
+    seed: int = 0
+    workers: int = -1
+    resume: bool = False
+    stop_after: int | None = None  # stop after this epoch (the schedule stays that of `epochs`)
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+
+# ---- training ------------------------------------------------------------------------------
+def train(opts: TrainOptions) -> dict:
+    """Run (or resume) a training; returns a summary with the best checkpoint and its snippet."""
+    from qscore.weights import Registry, load_checkpoint, snippet
+
+    if opts.epochs < 1 or opts.batch_size < 1:
+        raise UsageError("--epochs and --batch-size must be at least 1")
+    if opts.init not in ("official", "random"):
+        raise UsageError(f"--init must be official or random, not {opts.init!r}")
+    device = pick_device(opts.device)
+    cls = _model_class(opts.model)
+    train_set = read_labels(opts.labels, cls.spec.task, opts.root)
+    val_set = read_labels(opts.val, cls.spec.task, opts.root) if opts.val else None
+    out = Path(opts.out)
+    key = _schedule_key(opts, train_set, val_set)
+    last = out / "last.safetensors"
+    resume_file = last.with_suffix(RESUME_SUFFIX)
+    if resume_file.exists() and not opts.resume:
+        raise UsageError(f"{out} already holds a training run: add --resume to continue it, or use another --out")
+    if opts.resume and not resume_file.exists():
+        raise UsageError(f"--resume: no {resume_file} to continue from")
+
+    try:
+        reg = Registry.load(opts.registry)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read weights registry: {e}") from e
+    try:
+        config = cls.make_config(opts.preset, **opts.overrides)
+        torch.manual_seed(opts.seed)
+        model = cls(config)
+        model.load(None if opts.init == "official" else "random", reg)
+    except MissingWeights as e:
+        raise UsageError(f"{e} (or train from scratch with --init random)") from e
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{opts.model}: {e}") from e
+    model.to(device)
+
+    optimizer = torch.optim.AdamW(_param_groups(model, opts), lr=_hyper(model, "lr", opts.lr, DEFAULT_LR))
+    loader = _loader(model, train_set, opts.batch_size, opts.workers, device, train=True)
+    steps = len(loader)
+    total = opts.epochs * steps
+    warmup = min(round(opts.warmup_epochs * steps), total // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total))
+
+    start, best, best_epoch = 0, -math.inf, None
+    if opts.resume:
+        state = torch.load(resume_file, weights_only=True)
+        changed = {k: (state["key"].get(k), v) for k, v in key.items() if state["key"].get(k) != v}
+        if changed:
+            raise UsageError("--resume: the run was started with other settings: " + "; ".join(
+                f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+        weights, card = load_checkpoint(last, expect_model=cls.spec.name)
+        model.load_trained(weights, card, reg)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        log.info("resuming %s after epoch %d of %d", out, start, opts.epochs)
+
+    out.mkdir(parents=True, exist_ok=True)
+    card = {
+        "model": cls.spec.name,
+        "preset": opts.preset or next(iter(cls.presets)),
+        "config": dataclasses.asdict(config),
+        "backbone": opts.init,
+        "data_hash": key["data_hash"],
+        "qscore_version": __version__,
+        "train": {k: key[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "init")}
+        | {"labels": str(opts.labels), "val": opts.val, "n_train": len(train_set), "n_val": len(val_set or ())},
+    }
+    stop = min(opts.epochs, opts.stop_after or opts.epochs)
+    with _Bar(opts.progress) as bar:
+        for epoch in range(start, stop):
+            t0 = time.perf_counter()
+            loss = _train_epoch(model, loader, optimizer, scheduler, device, opts.seed, epoch, bar)
+            metrics = {"epoch": epoch + 1, "train_loss": loss, "lr": scheduler.get_last_lr()[0]}
+            if val_set is not None:
+                metrics |= evaluate(model, val_set, device, opts.batch_size, opts.workers, cls.spec.task)[0]
+            metrics["elapsed_s"] = round(time.perf_counter() - t0, 2)
+            value = selection_value(metrics, cls.spec.task)
+            card_e = card | {"epoch": epoch + 1, "metrics": _jsonable(metrics)}
+            _save(model, last, card_e)
+            improved = value > best or val_set is None
+            if improved:
+                best, best_epoch = value, epoch + 1
+                _save(model, out / "best.safetensors", card_e | {"selected_by": _selected_by(cls.spec.task, val_set)})
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                        "best": best, "best_epoch": best_epoch, "key": key}, resume_file)
+            with open(out / "history.jsonl", "a") as f:
+                f.write(json.dumps(_jsonable(metrics)) + "\n")
+            log.info("epoch %d/%d %s%s", epoch + 1, opts.epochs, _brief(metrics), " (best)" if improved else "")
+    best_path = out / "best.safetensors"
+    return {
+        "run_dir": str(out),
+        "epochs_done": max(stop, start),
+        "epochs": opts.epochs,
+        "best": str(best_path),
+        "best_epoch": best_epoch,
+        "snippet": snippet(f"{cls.spec.name}-{out.resolve().name}", load_checkpoint(best_path)[1], best_path)
+        if best_epoch else None,
+    }
+
+
+class WarmupCosine:
+    """LR factor per iteration: linear warm-up over ``warmup`` steps, then cosine down to 0 at
+    ``total``. A picklable callable so the scheduler state saves cleanly."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, max(1, total)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def selection_value(metrics: dict, task: str) -> float:
+    """What picks the best epoch: forgery F1, else SRCC + PLCC (NaN counts as worst)."""
+    value = metrics.get("f1") if task == "forgery" else metrics.get("srcc", math.nan) + metrics.get("plcc", math.nan)
+    return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) -> float:
+    """One pass over the shuffled training set; returns the mean loss."""
+    _reseed(seed, epoch)
+    loader.generator.manual_seed(_epoch_seed(seed, epoch))
+    model.train()
+    losses = []
+    bar.start(f"epoch {epoch + 1}", len(loader))
+    for chunk in loader:
+        samples, targets = _split_chunk(chunk)
+        if len(samples) >= 2:  # correlation losses need two samples
+            batch = _to_device(model.collate(samples), device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model.training_loss(batch, torch.as_tensor(targets, device=device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        scheduler.step()
+        bar.advance(losses[-1] if losses else math.nan)
+    return float(np.mean(losses)) if losses else math.nan
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+def evaluate(
+    model: Model, labels: Labels, device: torch.device, batch_size: int = 8, workers: int = -1, task: str | None = None
+) -> tuple[dict, list[dict]]:
+    """Score every labelled file; returns (metrics, one row per file).
+
+    Quality: SRCC/PLCC/KRCC/RMSE of ``outputs["score"]`` vs the targets. Forgery: the model's
+    ``outputs["prob"]`` (B, H, W) resized to each GT mask, ``outputs["score"]`` for image AUC.
+    Files that fail to decode get a row with their error and are left out of the metrics.
+    """
+    task = task or model.spec.task
+    was_training = model.training
+    model.eval()
+    rows: list[dict] = []
+    meter = ForgeryMeter() if task == "forgery" else None
+    loader = _loader(model, labels, batch_size, workers, device, train=False)
+    for chunk in loader:
+        for index, failure, _ in (c for c in chunk if isinstance(c[1], Failure)):
+            rows.append(_row(labels, index) | {"status": "error", "error": failure.error, "prediction": math.nan})
+        ok = [(i, s) for i, s, _ in chunk if isinstance(s, Sample)]
+        if not ok:
+            continue
+        batch = _to_device(model.collate([s for _, s in ok]), device)
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            outputs = model(batch)
+        scores = outputs["score"].float().cpu().numpy()
+        for j, (index, sample) in enumerate(ok):
+            row = _row(labels, index) | {"status": "ok", "error": None, "prediction": float(scores[j])}
+            if meter is not None:
+                gt = _gt_mask(sample.item.mask, outputs["prob"].shape[-2:])
+                prob = torch.nn.functional.interpolate(outputs["prob"][j : j + 1, None].float(), size=gt.shape,
+                                                       mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+                row |= meter.add(prob, gt, float(scores[j]))
+            rows.append(row)
+    model.train(was_training)
+    rows.sort(key=lambda r: r["index"])
+    good = [r for r in rows if r["status"] == "ok"]
+    if meter is not None:
+        metrics = meter.result()
+    elif len(good) >= 2:
+        metrics = quality_metrics(np.array([r["prediction"] for r in good]), np.array([r["target"] for r in good]))
+    else:
+        metrics = {"srcc": math.nan, "plcc": math.nan, "n": len(good)}
+    metrics["n_failed"] = len(rows) - len(good)
+    return metrics, rows
+
+
+def scatter_png(pred: np.ndarray, mos: np.ndarray, path: str | os.PathLike, title: str) -> None:
+    """A 512 x 512 scatter plot of predictions (y) against MOS (x), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    size, pad = 512, 48
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((pad, pad, size - pad, size - pad), outline="black")
+
+    def scale(v: np.ndarray) -> np.ndarray:
+        lo, hi = float(np.min(v)), float(np.max(v))
+        return (v - lo) / (hi - lo) if hi > lo else np.full_like(v, 0.5)
+
+    xs, ys = pad + scale(mos) * (size - 2 * pad), size - pad - scale(pred) * (size - 2 * pad)
+    for x, y in zip(xs, ys):
+        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(31, 119, 180))
+    draw.text((pad, 16), title, fill="black")
+    draw.text((pad, size - pad + 8), f"MOS  {np.min(mos):.3g} .. {np.max(mos):.3g}", fill="black")
+    draw.text((4, pad - 16), f"prediction  {np.min(pred):.3g} .. {np.max(pred):.3g}", fill="black")
+    img.save(path)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+class _Indexed(Prepared):
+    """Prepared + the row index and target, so a shuffled batch keeps its labels:
+    ``i -> (i, Sample | Failure, target)``."""
+
+    def __init__(self, labels: Labels, prepare):
+        super().__init__(labels.items, prepare)
+        self.targets = labels.targets
+
+    def __getitem__(self, i: int):
+        return i, super().__getitem__(i), float(self.targets[i])
+
+
+def _loader(model: Model, labels: Labels, batch_size: int, workers: int, device: torch.device, train: bool) -> DataLoader:
+    """Chunks of ``(index, Sample | Failure, target)``; shuffled by a generator the training
+    loop reseeds each epoch."""
+    return DataLoader(
+        _Indexed(labels, model.preparer(train=train)),
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(labels) >= batch_size,
+        num_workers=workers if workers >= 0 else min(8, os.cpu_count() or 1),
+        collate_fn=list,
+        generator=torch.Generator() if train else None,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _split_chunk(chunk) -> tuple[list[Sample], np.ndarray]:
+    """Training chunk -> (samples, targets (N,)); failed files are logged and dropped."""
+    samples, targets = [], []
+    for _, sample, target in chunk:
+        if isinstance(sample, Failure):
+            log.warning("training: skipping %s: %s", sample.item.display, sample.error)
+            continue
+        samples.append(sample)
+        targets.append(target)
+    return samples, np.asarray(targets, dtype=np.float32)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _gt_mask(path: str | None, fallback_hw: Sequence[int]) -> np.ndarray:
+    """The GT mask as bool (H, W) (> 127 in its first channel); no mask: an empty one at the
+    model's output size (authentic image)."""
+    if not path:
+        return np.zeros(tuple(int(v) for v in fallback_hw), bool)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L")) > 127
+
+
+def _row(labels: Labels, index: int) -> dict:
+    item = labels.items[index]
+    return {"index": index, "path": item.display, "rel_path": item.rel_path, "target": float(labels.targets[index]),
+            "reference": item.reference, "mask": item.mask}
+
+
+def _model_class(name: str) -> type[Model]:
+    try:
+        return registry.get(name)
+    except KeyError as e:
+        raise UsageError(str(e.args[0])) from e
+
+
+def _hyper(model: Model, name: str, cli: float | None, default: float) -> float:
+    """The CLI value, else the model's own (its Config, then its ModelSpec), else the default."""
+    for value in (cli, getattr(model.config, name, None), getattr(model.spec, name, None)):
+        if value is not None:
+            return float(value)
+    return default
+
+
+def _trainable_groups(model: Model) -> list[dict]:
+    """``model.trainable_parameters()`` as param-group dicts (it may return either form)."""
+    trainable = list(model.trainable_parameters())
+    if trainable and isinstance(trainable[0], dict):
+        return [dict(g, params=list(g["params"])) for g in trainable]
+    return [{"params": trainable}]
+
+
+def _param_groups(model: Model, opts: TrainOptions) -> list[dict]:
+    """AdamW groups with lr (times a group's ``lr_scale``) and weight decay filled in."""
+    lr = _hyper(model, "lr", opts.lr, DEFAULT_LR)
+    wd = _hyper(model, "weight_decay", opts.weight_decay, DEFAULT_WD)
+    groups = _trainable_groups(model)
+    for g in groups:
+        g["lr"] = lr * g.pop("lr_scale", 1.0)
+        g.setdefault("weight_decay", wd)
+    if not any(g["params"] for g in groups):
+        raise UsageError(f"{model.spec.name} has no trainable parameters in this configuration")
+    return groups
+
+
+def _schedule_key(opts: TrainOptions, train_set: Labels, val_set: Labels | None) -> dict:
+    """Everything that must match for --resume to continue the same schedule."""
+    data = hashlib.sha256((train_set.digest + (val_set.digest if val_set else "")).encode()).hexdigest()
+    return {
+        "model": opts.model, "preset": opts.preset, "overrides": json.dumps(opts.overrides, sort_keys=True, default=str),
+        "init": opts.init, "epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr,
+        "weight_decay": opts.weight_decay, "warmup_epochs": opts.warmup_epochs, "seed": opts.seed, "data_hash": data,
+    }
+
+
+def _save(model: Model, path: Path, card: dict) -> None:
+    """All tensors for a random backbone; only the trained ones (+ buffers) over an official one."""
+    from qscore.weights import save_checkpoint
+
+    state = model.state_dict()
+    if card["backbone"] == "official":
+        trained = {id(p) for g in _trainable_groups(model) for p in g["params"]}
+        keep = {n for n, p in model.named_parameters() if id(p) in trained} | {n for n, _ in model.named_buffers()}
+        state = {k: v for k, v in state.items() if k in keep}
+    save_checkpoint(path, state, card)
+
+
+def _selected_by(task: str, val_set: Labels | None) -> str:
+    if val_set is None:
+        return "last epoch (no --val)"
+    return "validation f1" if task == "forgery" else "validation srcc + plcc"
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:7], "little")
+
+
+def _reseed(seed: int, epoch: int) -> None:
+    s = _epoch_seed(seed, epoch)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+
+
+def _jsonable(metrics: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+def _brief(metrics: dict) -> str:
+    keys = ("train_loss", "srcc", "plcc", "krcc", "rmse", "f1", "iou", "pixel_auc", "image_auc")
+    return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), float))
+
+
+class _Bar:
+    """A rich progress bar per epoch on a terminal; nothing otherwise (epoch lines are logged)."""
+
+    def __init__(self, enabled: bool | None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.progress, self.task = None, None
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                                     console=Console(stderr=True), transient=False)
+            self.progress.start()
+        return self
+
+    def start(self, description: str, total: int) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task(description, total=total, loss="-")
+
+    def advance(self, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
