@@ -1,0 +1,143 @@
+"""Synthetic data generators: deterministic, valid labels, exact masks, monotone severity."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from qscore.train import synth
+from qscore.train.labels import read_labels
+
+PRISTINE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pristine"
+pytestmark = pytest.mark.skipif(not (PRISTINE / "bsds500").is_dir(), reason="needs ../shared/data/pristine")
+SMALL = dict(size=(64, 48), frames=8, fps=8)
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_video_is_deterministic_and_labels_are_valid(tmp_path):
+    a = synth.generate_video(tmp_path / "a", 4, seed=5, pristine=PRISTINE, workers=0, **SMALL)
+    synth.generate_video(tmp_path / "b", 4, seed=5, pristine=PRISTINE, workers=0, **SMALL)
+    synth.generate_video(tmp_path / "c", 4, seed=6, pristine=PRISTINE, workers=0, **SMALL)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+    table = rows(a)
+    assert len(table) == 4
+    for row in table:
+        assert 0.0 <= float(row["mos"]) <= 1.0
+        levels = dict(kv.split(":") for kv in row["distortions"].split(";") if kv)
+        assert float(row["mos"]) == pytest.approx(synth.video_mos({k: int(v) for k, v in levels.items()}), abs=1e-6)
+        frames = decode(tmp_path / "a" / row["path"])
+        assert frames.shape == (8, 48, 64, 3)
+    splits = {name: rows(tmp_path / "a" / f"{name}.csv") for name in ("train", "val", "test")}
+    assert sorted(r["path"] for s in splits.values() for r in s) == sorted(r["path"] for r in table)
+    assert all(list(r) == ["path", "mos"] for s in splits.values() for r in s)
+    labels = read_labels(tmp_path / "a" / "train.csv", "video")  # what `qscore train` reads
+    assert len(labels) == len(splits["train"])
+
+
+def test_splits_are_by_source_photo():
+    order, split = synth.source_order(500, 40, seed=0)
+    assert len(order) == 40 and split.count("val") == split.count("test") == 6
+    assigned = {}
+    for i in range(1200):  # more samples than photos: photos repeat, always in the same split
+        j, s = synth.sample_source(i, order, split)
+        assert assigned.setdefault(j, s) == s
+
+
+def test_severity_is_monotone_in_level():
+    for kind in synth.VIDEO_PARAMS:
+        alone = [synth.video_mos({kind: level}) for level in range(1, 6)]
+        other = "blur" if kind != "blur" else "noise"
+        mixed = [synth.video_mos({kind: level, other: 2}) for level in range(1, 6)]
+        assert all(x > y for x, y in zip(alone, alone[1:])), kind
+        assert all(x > y for x, y in zip(mixed, mixed[1:])), kind
+        assert alone[0] < synth.video_mos({}) == 1.0
+
+
+def test_distortion_strength_grows_with_level(tmp_path):
+    rng = np.random.default_rng(0)
+    photo = Image.open(sorted((PRISTINE / "kodak").glob("*.png"))[0]).convert("RGB")
+    clean = synth.camera_move(photo, (64, 48), 8, rng)
+    for kind in ("blur", "noise", "exposure", "flicker"):
+        err = [np.mean((synth.distort(clean, {kind: lv}, np.random.default_rng(1)).astype(float) - clean) ** 2)
+               for lv in range(1, 6)]
+        assert all(x < y for x, y in zip(err, err[1:])), (kind, err)
+    distinct = [len(np.unique(synth.distort(clean, {"stutter": lv}, rng).reshape(8, -1), axis=0)) for lv in range(1, 6)]
+    assert all(x >= y for x, y in zip(distinct, distinct[1:])) and distinct[0] < 8
+    err = []
+    for crf in (synth.CLEAN_CRF, *synth.VIDEO_PARAMS["compression"]):
+        synth.encode_mp4(tmp_path / "c.mp4", clean, 8, crf)
+        err.append(np.mean((decode(tmp_path / "c.mp4").astype(float) - clean) ** 2))
+    assert all(x < y for x, y in zip(err, err[1:])), err
+
+
+def test_forgery_mask_is_exactly_the_changed_pixels():
+    photos = synth.segmented_photos(PRISTINE)
+    kinds = set()
+    for i in range(8):
+        (p, s), (d, ds) = photos[i], photos[i + 20]
+        task = synth.ForgeryTask(i, 0, str(p), str(s), str(d), str(ds), "train", "", authentic_fraction=0.2)
+        sample = synth.make_forgery_sample(task, np.random.default_rng(i))
+        kinds.add(sample.kind)
+        assert sample.forged.shape == sample.reference.shape and sample.mask.shape == sample.reference.shape[:2]
+        np.testing.assert_array_equal(sample.mask, np.any(sample.forged != sample.reference, axis=-1))
+        assert sample.mask.any() == (sample.kind != "authentic")
+    assert kinds == {"splice", "copymove", "authentic"}
+
+
+def test_forgery_files_labels_and_determinism(tmp_path):
+    labels = synth.generate_forgery(tmp_path / "a", 10, seed=2, pristine=PRISTINE, workers=0)
+    synth.generate_forgery(tmp_path / "b", 10, seed=2, pristine=PRISTINE, workers=2)  # same bytes in a pool
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    table = rows(labels)
+    split_of = {r["source"]: r["split"] for r in table}
+    for r in table:
+        forged = np.asarray(Image.open(tmp_path / "a" / r["forged"]).convert("RGB"))
+        reference = np.asarray(Image.open(tmp_path / "a" / r["reference"]).convert("RGB"))
+        if r["donor"]:
+            assert split_of[r["donor"]] == r["split"]  # splice donors never cross splits
+        if r["kind"] == "authentic":
+            assert r["mask"] == "" and (r["post"] or np.array_equal(forged, reference))
+            continue
+        mask = np.asarray(Image.open(tmp_path / "a" / r["mask"])) > 127
+        assert mask.shape == forged.shape[:2] and mask.any()
+        assert float(r["manipulated_fraction"]) == pytest.approx(mask.mean(), abs=1e-6)
+        if not r["post"]:  # saved losslessly: the mask is exactly where the pixels differ
+            np.testing.assert_array_equal(mask, np.any(forged != reference, axis=-1))
+    parsed = read_labels(tmp_path / "a" / "train.csv", "forgery")
+    assert all(it.reference for it in parsed.items)
+    assert set(parsed.targets) <= {0.0, 1.0}
+
+
+def test_synth_cli(tmp_path):
+    from qscore.cli import app
+
+    cli = CliRunner()
+    result = cli.invoke(app, ["synth", "video", "--out", str(tmp_path / "v"), "--n", "2", "--size", "64x48",
+                              "--frames", "4", "--pristine", str(PRISTINE), "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert len(rows(tmp_path / "v" / "labels.csv")) == 2
+    for args, message in ((["bogus"], "'video' or 'forgery'"), (["video", "--size", "63x48"], "--size"),
+                          (["forgery", "--pristine", str(tmp_path)], "no BSDS500"), (["video", "--size", "big"], "WxH")):
+        result = cli.invoke(app, ["synth", *args, "--out", str(tmp_path / "x"), "--n", "1", "--workers", "0"])
+        assert result.exit_code == 2 and message in result.output and result.output.count("qscore:") == 1, result.output
