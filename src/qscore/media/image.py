@@ -83,7 +83,8 @@ def load_image(
                 _draft(img, max_side)
             try:
                 img.load()
-                img = _first_frame(img, notes)
+                if getattr(img, "n_frames", 1) > 1:
+                    notes.append(f"{img.n_frames} frames; the first is used")
                 img, transposed = _orient(img, notes)
                 size = size[::-1] if transposed else size
             except OSError as e:
@@ -99,9 +100,9 @@ def load_image(
         scale = max_side / max(img.size)
         small = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         img = img.resize(small, Image.BILINEAR, reducing_gap=2.0)
-    pixels = np.asarray(img, dtype=np.uint8)
+    pixels = np.array(img, dtype=np.uint8)  # a writable copy, not a view of Pillow's buffer
     facts = {"width": size[0], "height": size[1], "decoder": "pillow", "decode_warnings": "; ".join(notes) or None}
-    return np.ascontiguousarray(pixels), facts
+    return pixels, facts
 
 
 def _open_checked(f: IO[bytes], head: bytes, max_pixels: int) -> Image.Image:
@@ -140,13 +141,6 @@ def _draft(img: Image.Image, max_side: int) -> None:
         scale = max_side / max(img.size)
         if scale < 1:
             img.draft(img.mode, (int(img.width * scale) + 1, int(img.height * scale) + 1))
-
-
-def _first_frame(img: Image.Image, notes: list[str]) -> Image.Image:
-    frames = getattr(img, "n_frames", 1)
-    if frames > 1:
-        notes.append(f"{frames} frames; the first is used")
-    return img
 
 
 def _orient(img: Image.Image, notes: list[str]) -> tuple[Image.Image, bool]:

@@ -60,7 +60,7 @@ def framediff_indices(reader, n: int, probe: int = 64, size: tuple[int, int] = (
 # ---- tensors ------------------------------------------------------------------------------
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float (T, 3, H, W) in [0, 1]; a single (H, W, 3) image -> (3, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames))
+    x = torch.from_numpy(np.require(frames, requirements=("C", "W")))
     x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(2, 0, 1)
     return x.float().div_(255.0).contiguous()
 
