@@ -47,6 +47,7 @@ class VideoReader:
             self._decord: dict[tuple[int, int], Any] = {}
             self._index: _PacketIndex | None = None
             self._touched = 0
+            # decord 0.6 returns 4-channel or mis-sized frames for rotated videos: PyAV serves them
             self.decoder = "pyav" if self.rotation else self._try_decord()
             if self.decoder == "pyav":
                 self.n_frames = self._packet_index().n_frames
@@ -64,8 +65,6 @@ class VideoReader:
             if looks_like_text(head):
                 raise MediaError("not a video: the file holds text") from e
             raise MediaError(f"cannot open video (corrupt, truncated or not a video): {_av_reason(e)}") from e
-        except (IndexError, ValueError) as e:  # PyAV on containers without any usable stream
-            raise MediaError("cannot open video: no readable streams (corrupt or truncated container)") from e
         streams = self._container.streams
         if not len(streams):
             raise MediaError("cannot open video: no readable streams (corrupt or truncated container)")
