@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -154,31 +155,66 @@ def test_training_step_updates_the_head_not_clip(videos):
     loss.backward()
     assert model.head[-1].weight.grad is not None and all(p.grad is not None for p in model.spatial.parameters())
     assert all(p.grad is None for p in model.clip.parameters())
-    assert {id(p) for p in model.trainable_parameters()}.isdisjoint(id(p) for p in model.clip.parameters())
+    head, spatial = model.trainable_parameters()
+    assert spatial["lr_scale"] == model.config.backbone_lr_scale
+    trained = {id(p) for g in (head, spatial) for p in g["params"]}
+    assert trained == {id(p) for m in (model.head, model.spatial) for p in m.parameters()}
 
 
 class FakeRegistry:
+    """weights.toml stand-in: key -> file, or None for a declared entry without a file."""
+
     def __init__(self, files: dict):
         self.files = files
 
-    def path(self, key):
+    def entry(self, key):
         if key not in self.files:
             raise KeyError(key)
+        return SimpleNamespace(kind="none" if self.files[key] is None else "path")
+
+    def path(self, key):
+        if self.files.get(key) is None:
+            raise MissingWeights(key)
         return self.files[key]
 
 
-def test_load_official_without_head_is_zero_shot(tmp_path):
+def test_load_official_with_and_without_a_head(tmp_path, videos):
+    from qscore.weights import save_checkpoint
+
     source = model_for()
     with pytest.raises(MissingWeights):
         source.load_official(FakeRegistry({}))
     torch.save(source.clip.state_dict(), tmp_path / "clip.pt")
+    card = save_checkpoint(tmp_path / "head.safetensors", dict(source.head.named_parameters(prefix="head")),
+                           {"model": "clifvqa", "backbone": "official"})
     torch.manual_seed(1)
     model = CLiFVQA(source.config)
     model.config = dataclasses.replace(model.config, clip_tiny=False)  # let the tiny CLIP load a file
     feats = torch.randn(2, 32)
     before = model.window_prompts(feats)
-    assert model.load_official(FakeRegistry({"clip-vit-b16-openai": tmp_path / "clip.pt"})) == (
-        "clip-vit-b16-openai", "zero-shot")
+    files = {"clip-vit-b16-openai": tmp_path / "clip.pt", "clifvqa-head": None}
+    assert model.load_official(FakeRegistry(files)) == ("clip-vit-b16-openai", "zero-shot")
     assert model.zero_shot
     torch.testing.assert_close(model.window_prompts(feats), source.window_prompts(feats))
     assert not torch.allclose(before, model.window_prompts(feats))  # the text cache was reset
+    files["clifvqa-head"] = tmp_path / "head.safetensors"
+    assert model.load_official(FakeRegistry(files)) == (card["weights_id"], "trained")
+    assert not model.zero_shot
+    torch.testing.assert_close(model.head[1].weight, source.head[1].weight)
+
+
+def test_random_init_checkpoint_round_trip(tmp_path, videos):
+    """A checkpoint of a --init random run carries its CLIP; loading it into a model built from
+    another seed gives the same scores (the prompts' text cache follows the new CLIP)."""
+    from qscore.weights import save_checkpoint
+
+    trained = model_for()
+    expected, _ = score(trained, videos[:2])
+    save_checkpoint(tmp_path / "c.safetensors", trained.state_dict(), {"model": "clifvqa", "backbone": "random"})
+    torch.manual_seed(5)
+    model = CLiFVQA(trained.config).eval()
+    score(model, videos[:1])  # fills the text cache from its own random CLIP
+    assert model.load(str(tmp_path / "c.safetensors"), None)[1] == "trained"
+    got, _ = score(model, videos[:2])
+    for a, b in zip(got, expected):
+        assert a.columns == pytest.approx(b.columns, abs=1e-6)

@@ -3,11 +3,12 @@
 A frozen CLIP scores antonym prompt pairs ("a sharp video frame" / "a blurry video frame", ...)
 on a grid of native-resolution windows of each sampled frame; the per-window probabilities are
 averaged into a feeling vector and also mapped back to frame positions as the video's heatmap.
-A trainable timm 2D backbone over FAST-VQA fragments (temporal mean) gives spatial features; an
-MLP fuses [spatial ; feelings ; mean CLIP embedding] into the score. Variants: ``mixed`` (the
-paper: every pair on the windows) and ``decoupled`` (CLiF-VQA+: objective pairs on the native
-windows, subjective pairs on the downscaled whole frame). Without a trained head the score is the
-mean feeling probability (zero-shot, CLIP-IQA-like; rows say ``head = zero-shot``).
+A trainable timm 2D backbone over FAST-VQA fragments (temporal mean and std; the std sees
+flicker) gives spatial features; an MLP fuses [spatial ; feelings ; mean CLIP embedding] into
+the score. Variants: ``mixed`` (the paper: every pair on the windows) and ``decoupled``
+(CLiF-VQA+: objective pairs on the native windows, subjective pairs on the downscaled whole
+frame). Without a trained head the score is the mean feeling probability (zero-shot,
+CLIP-IQA-like; rows say ``head = zero-shot``).
 Everything below the abstract level is our design: see docs/models/clifvqa.md.
 """
 
@@ -66,6 +67,8 @@ class CLiFVQAConfig:
     fragment_patch: int = 32
     spatial_backbone: str = "resnet18"  # any timm 2D model name (random init, trainable)
     hidden: int = 256
+    lr: float = 1e-3  # AdamW peak lr of the fusion head (qscore train --lr overrides it)
+    backbone_lr_scale: float = 0.1  # spatial backbone lr = lr x this (1e-4 by default)
     max_side: int = 3840  # decode cap on the longer side (0: none); windows are native below it
     heatmap: bool = True  # write the per-video heatmap (costs a full-size overlay per file)
     seed: int = 0  # fragment sampling seed (mixed with the file's own seed)
@@ -171,9 +174,10 @@ class CLiFVQA(Model):
             "frames": 4,
             "window_grid": (2, 2),
             "fragment_grid": 4,
-            "fragment_patch": 16,
+            "fragment_patch": 32,
             "spatial_backbone": "test_resnet",
             "hidden": 32,
+            "backbone_lr_scale": 1.0,  # its backbone learns from scratch
         },
     }
 
@@ -195,7 +199,7 @@ class CLiFVQA(Model):
         self.feeling_names = [feeling_name(p) for p, _ in objective + subjective]
         self.clip_norm = (mean, std)
         self.spatial = timm.create_model(config.spatial_backbone, pretrained=False, num_classes=0)
-        width = self.spatial.num_features + len(self.feeling_names) + self.clip.text_projection.shape[1]
+        width = 2 * self.spatial.num_features + len(self.feeling_names) + self.clip.text_projection.shape[1]
         self.head = nn.Sequential(
             nn.LayerNorm(width), nn.Linear(width, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1)
         )
@@ -203,32 +207,46 @@ class CLiFVQA(Model):
 
     # ---- weights ----------------------------------------------------------------------------
     def load_official(self, registry: Any) -> tuple[str, str]:
-        """openai CLIP from weights.toml; a registered ``clifvqa-head`` if there is one, else the
-        zero-shot score (mean feeling probability)."""
+        """openai CLIP from weights.toml, plus the ``clifvqa-head`` checkpoint when one is
+        registered (a file entry); without one the score is zero-shot (mean feeling)."""
         if self.config.clip_tiny:
             raise MissingWeights("the tiny preset has a random CLIP: use --weights random or a trained checkpoint")
         from open_clip import load_checkpoint
 
         load_checkpoint(self.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
         self.clip.requires_grad_(False)
-        for prompts in (self.window_prompts, self.frame_prompts):
-            if prompts is not None:
-                prompts.reset()
+        self._reset_prompts()
         try:
-            head_path = registry.path("clifvqa-head")
-        except (KeyError, MissingWeights):
+            has_head = registry.entry("clifvqa-head").kind != "none"
+        except KeyError:
+            has_head = False
+        if not has_head:
             self.zero_shot = True
             return "clip-vit-b16-openai", "zero-shot"
         from qscore.weights import load_checkpoint as load_head
 
-        state, card = load_head(head_path, expect_model=self.spec.name)
+        state, card = load_head(registry.path("clifvqa-head"), expect_model=self.spec.name)
         self.load_state_dict(state, strict=False)
+        self._reset_prompts()
         self.zero_shot = False
         return card["weights_id"], "trained"
 
     def load_trained(self, state: dict[str, torch.Tensor], card: dict, registry: Any) -> None:
         super().load_trained(state, card, registry)
+        self._reset_prompts()  # a checkpoint of a random-init run carries its own CLIP
         self.zero_shot = False
+
+    def _reset_prompts(self) -> None:
+        for prompts in (self.window_prompts, self.frame_prompts):
+            if prompts is not None:
+                prompts.reset()
+
+    def trainable_parameters(self) -> list[dict]:
+        """Fusion head at ``lr``, spatial backbone at ``lr x backbone_lr_scale``; CLIP frozen."""
+        return [
+            {"params": list(self.head.parameters())},
+            {"params": list(self.spatial.parameters()), "lr_scale": self.config.backbone_lr_scale},
+        ]
 
     def train(self, mode: bool = True) -> "CLiFVQA":
         """The CLIP stays in eval mode; training a head means the head scores from now on."""
@@ -279,8 +297,9 @@ class CLiFVQA(Model):
             out["score"] = feelings.mean(1)
             return out
         frags = normalize(batch["fragments"].flatten(0, 1).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
-        spatial = self.spatial(frags).view(b, t, -1).mean(1)  # (B, C): temporal mean
-        fused = torch.cat([spatial.float(), feelings, emb.mean(1)], dim=1)
+        per_frame = self.spatial(frags).float().view(b, t, -1)
+        spatial = torch.cat([per_frame.mean(1), per_frame.std(1, correction=0)], dim=1)  # (B, 2C)
+        fused = torch.cat([spatial, feelings, emb.mean(1)], dim=1)
         out["score"] = self.head(fused).squeeze(1)
         return out
 
