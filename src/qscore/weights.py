@@ -82,6 +82,8 @@ class Entry:
 
 @dataclass
 class Registry:
+    """The merged weights.toml entries and the cache they download into."""
+
     entries: dict[str, Entry]
     home: Path  # the cache folder
     files: tuple[Path, ...] = ()  # the weights.toml files read, highest precedence first
@@ -155,7 +157,10 @@ class Registry:
                 return file
             error, problem = BadWeights, f"in the cache has sha256 {got}, but weights.toml expects {entry.sha256}"
         if entry.kind == "none":
-            raise MissingWeights(f"{key} has no file yet: {entry.note}\n  (or place a checkpoint at {file})")
+            raise MissingWeights(
+                f"{key} has no file yet: {entry.note}\n"
+                f"  (or place a `qscore train` checkpoint and its .json card at {file})"
+            )
         if offline_var():
             raise error(
                 f"{key}: {file.name} {problem}, and {offline_var()} forbids downloads.\n"
@@ -202,6 +207,8 @@ def read_registry_file(file: Path) -> dict[str, Entry]:
 
 def parse_entry(key: str, table: Any, origin: Path) -> Entry:
     where = f"{origin}: [{key}]"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", key):
+        raise ValueError(f"{where}: a key is letters, digits, '.', '_' and '-' (it names a cache folder)")
     if not isinstance(table, dict):
         raise ValueError(f"{where} must be a table")
     unknown = sorted(set(table) - FIELDS)
@@ -267,7 +274,8 @@ def source_url(entry: Entry) -> str:
             return path
     else:
         return ""
-    endpoint = (os.environ.get("QSCORE_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    endpoint = os.environ.get("QSCORE_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    endpoint = endpoint.rstrip("/")
     return f"{endpoint}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(path)}"
 
 
