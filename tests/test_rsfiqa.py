@@ -154,6 +154,22 @@ def test_training_step_updates_backbone_and_rsa_only(model, items):
     model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_run_then_cache_hit(tmp_path, items):
+    """As the runner runs it: CUDA, bf16 autocast, inference mode; the second run reads the cache."""
+    torch.manual_seed(0)
+    model = RSFIQA(RSFIQA.make_config("tiny", cache_dir=str(tmp_path), **SMALL)).cuda().eval()
+    scores = []
+    for _ in range(2):
+        prepare = model.preparer()
+        batch = {k: v.cuda() for k, v in model.collate([prepare(item) for item in items]).items()}
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            scores.append(model(batch)["score"].float().cpu())
+    assert bool(batch["cached"].all()) and torch.isfinite(scores[0]).all()
+    torch.testing.assert_close(scores[0], scores[1])
+
+
 def test_mllm_answer_parsing():
     ratings, content = parse_answer('Sure: {"content": "dog", "colour": 0, "noise": 4, "artifact": 2, "blur": 1, '
                                     '"exposure": 0, "overall": 3}')

@@ -81,27 +81,44 @@ def test_label_map_covers_every_pixel_once_within_cap():
     assert areas.sum() == 32 * 32 and bool((areas[:-1] >= areas[1:]).all())
 
 
-def test_device_path_matches_stock_generator_on_tiny_sam():
-    """Same tiny random SAM, same prompts and thresholds: identical label maps, also when two
-    images of different sizes share one batch and the prompts are chunked differently."""
-    sam = build_sam("tiny")
-    rules = RegionRules(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.6, box_nms_thresh=0.9,
-                        min_region_frac=0.01, r_max=4)
-    images = [synthetic_image(48, 64, 0), synthetic_image(64, 40, 1)]
+# (tiny random SAM) no NMS and a cap of 4: many masks to paint; NMS at 0.95: it removes masks
+PARTITIONS = [
+    (RegionRules(8, pred_iou_thresh=0.01, stability_score_thresh=0.5, box_nms_thresh=1.0, min_region_frac=0.01, r_max=4), 4),
+    (RegionRules(8, pred_iou_thresh=0.01, stability_score_thresh=0.0, box_nms_thresh=0.95, min_region_frac=0.01), 3),
+]
+
+
+def check_device_path_matches_stock(device: str, rules: RegionRules, most_regions: int) -> None:
+    sam = build_sam("tiny").to(device)
+    images = [synthetic_image(48, 64, 0), synthetic_image(64, 40, 1), synthetic_image(64, 64, 2)]
     stock = [stock_label_map(sam, im, rules, points_per_batch=16) for im in images]
+    assert max(len(np.unique(ref)) for ref in stock) == most_regions  # a real partition
     size = sam.image_encoder.img_size
-    batch = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    batch = torch.zeros(len(images), 3, size, size, dtype=torch.uint8)
     input_hw = []
     for b, im in enumerate(images):
         x = torch.from_numpy(sam_input(im, size)).permute(2, 0, 1)
         batch[b, :, : x.shape[1], : x.shape[2]] = x
         input_hw.append(x.shape[1:])
     ours = SamRegions(sam, rules, points_per_batch=50)(
-        batch, torch.tensor(input_hw), torch.tensor([im.shape[:2] for im in images])
+        batch.to(device), torch.tensor(input_hw), torch.tensor([im.shape[:2] for im in images])
     )
     for ref, got in zip(stock, ours):
-        assert len(np.unique(ref)) == 4  # a real partition, capped at r_max
-        np.testing.assert_array_equal(got.numpy(), ref)
+        np.testing.assert_array_equal(got.cpu().numpy(), ref)
+
+
+@pytest.mark.parametrize("rules,most_regions", PARTITIONS)
+def test_device_path_matches_stock_generator_on_tiny_sam(rules, most_regions):
+    """Same tiny random SAM, same prompts and thresholds: identical label maps, also when
+    images of different sizes share one batch and the prompts are chunked differently."""
+    check_device_path_matches_stock("cpu", rules, most_regions)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rules,most_regions", PARTITIONS)
+def test_device_path_matches_stock_generator_on_cuda(rules, most_regions):
+    check_device_path_matches_stock("cuda", rules, most_regions)
 
 
 def test_cache_roundtrip_and_salt(tmp_path):

@@ -463,24 +463,30 @@ class RSFIQA(Model):
     # ---- device side ------------------------------------------------------------------------------
     @torch.no_grad()
     def describe_misses(self, batch: dict[str, Tensor]) -> None:
-        """Segment and describe the images the cache did not have; fill them into ``batch`` and
-        store them in the cache. SAM runs in fp32 (as the stock generator does)."""
+        """Segment and describe the images the cache did not have (SAM in fp32, as the stock
+        generator runs it), fill them into ``batch`` and store them in the cache."""
         miss = torch.nonzero(~batch["cached"]).flatten().tolist()
         if not miss:
             return
         with torch.autocast(batch["image"].device.type, enabled=False):
             label_maps = self.regions(batch["sam_image"], batch["sam_hw"], batch["hw"][miss])
-        cache = RegionCache(self.config.cache_dir or default_cache_dir())  # keys come hashed from the preparer
         for b, labels in zip(miss, label_maps):
-            h, w = labels.shape
-            n = int(labels.max()) + 1
-            regions, content = self.describer(batch["image"][b, :, :h, :w], labels, n)
-            batch["labels"][b, :h, :w] = labels.to(torch.uint8)
-            batch["regions"][b, :n] = regions.to(batch["regions"].dtype)
-            batch["content"][b, :n] = content
-            batch["n_regions"][b] = n
-            entry = {"labels": labels.to(torch.uint8), "regions": regions.float(), "content": content}
-            cache.save(bytes(batch["key"][b].tolist()).hex(), {k: v.cpu().numpy() for k, v in entry.items()})
+            self.add_regions(batch, b, labels)
+
+    @torch.no_grad()
+    def add_regions(self, batch: dict[str, Tensor], b: int, labels: Tensor) -> None:
+        """Describe image ``b`` of the batch by its label map (H, W) in 0..R-1, fill labels and
+        descriptions into ``batch`` and store them in the cache under the preparer's key."""
+        h, w = labels.shape
+        n = int(labels.max()) + 1
+        regions, content = self.describer(batch["image"][b, :, :h, :w], labels, n)
+        batch["labels"][b, :h, :w] = labels.to(torch.uint8)
+        batch["regions"][b, :n] = regions.to(batch["regions"].dtype)
+        batch["content"][b, :n] = content
+        batch["n_regions"][b] = n
+        entry = {"labels": labels.to(torch.uint8), "regions": regions.float(), "content": content}
+        cache = RegionCache(self.config.cache_dir or default_cache_dir())  # the key comes hashed
+        cache.save(bytes(batch["key"][b].tolist()).hex(), {k: v.cpu().numpy() for k, v in entry.items()})
 
     def crops(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Image and label-map crops at the same origins: uint8 (B*N, 3, c, c), long (B*N, c, c)."""

@@ -51,7 +51,7 @@ class RegionRules:
 def build_sam(variant: str):
     """A randomly initialised SAM: ``vit_b`` / ``vit_l`` / ``vit_h`` as published, or ``tiny``
     (64 px input, 2 blocks, 32 channels) for tests and smoke runs. The tiny one is drawn from a
-    fixed seed with wide weights (std 3 / sqrt(fan-in)): default init gives near-constant masks
+    fixed seed (whatever the global RNG) with wide weights (std 3 / sqrt(fan-in)): default init gives near-constant masks
     that NMS collapses to one, wide weights give many distinct masks to partition with."""
     from segment_anything import sam_model_registry
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -61,24 +61,25 @@ def build_sam(variant: str):
     if variant != "tiny":
         raise ValueError(f"unknown SAM variant {variant!r}; choose tiny, {', '.join(SAM_KEYS)}")
     dim, size, patch = 32, 64, 16
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=size, patch_size=patch, embed_dim=32, depth=2, num_heads=2, out_chans=dim,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=2, global_attn_indexes=(1,),
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim, image_embedding_size=(size // patch, size // patch), input_image_size=(size, size),
-            mask_in_chans=4,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3, transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
-            transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32,
-        ),
-    )
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in (p for p in sam.parameters() if p.dim() > 1):
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 3 / weight[0].numel() ** 0.5)
+    with torch.random.fork_rng(devices=[]):  # the same tiny SAM in every process
+        torch.manual_seed(0)
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=size, patch_size=patch, embed_dim=32, depth=2, num_heads=2, out_chans=dim,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=2, global_attn_indexes=(1,),
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=dim, image_embedding_size=(size // patch, size // patch), input_image_size=(size, size),
+                mask_in_chans=4,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3, transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+                transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32,
+            ),
+        )
+        with torch.no_grad():
+            for weight in (p for p in sam.parameters() if p.dim() > 1):
+                weight.copy_(torch.randn(weight.shape) * 3 / weight[0].numel() ** 0.5)
     return sam.eval()
 
 
