@@ -16,7 +16,7 @@ from qscore.models.base import Item, MissingWeights
 from qscore.models.qclip import LEVELS, QCLIP
 
 S = 64  # tiny input side
-JUMPS = [3, 7, 14, 19, 26, 29, 38, 45]  # one motion event in each of 8 segments of 6 frames
+JUMPS = [3, 7, 14, 19, 26, 33, 38, 45]  # one motion event in each of 8 segments of 6 frames
 
 
 def make_model(seed: int = 0, **overrides) -> QCLIP:
