@@ -96,7 +96,7 @@ def test_all_ok_exit_zero_and_schema(tmp_path):
     assert str(t.schema.field("score").type) == "double"
     assert str(t.schema.field("brightness").type) == "float"
     df = t.to_pandas()
-    assert set(df.weights_id) == {"random"} and set(df.head) == {"random"}
+    assert set(df.weights_id) == {"random"} and set(df["head"]) == {"random"}
     assert set(df.rel_path) == {f"img{i:03d}.png" if i % 2 == 0 else f"sub/img{i:03d}.png" for i in range(5)}
     png = Image.open(out / df.heatmap_path.iloc[0])
     assert png.mode == "RGB"

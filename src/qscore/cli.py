@@ -63,7 +63,7 @@ def _run(task: str, paths: list[str] | None, model: str, **opts) -> None:
     if not paths and not opts.get("pairs"):
         _usage("give at least one PATH" + (" (or --pairs CSV)" if task == "forgery" else ""))
     exts = tuple(opts.pop("ext") or ()) or None
-    cfg = RunConfig(task=task, model=model, inputs=list(paths or []), exts=exts, **opts)
+    cfg = RunConfig(task=task, model=model, inputs=list(paths or []), exts=exts, overrides=overrides, **opts)
     raise typer.Exit(run(cfg))
 
 
@@ -335,8 +335,9 @@ def _usage(message: str) -> None:
 
 
 def _logging(quiet: bool, verbose: bool) -> None:
-    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s qscore %(levelname)s %(message)s", stream=sys.stderr, force=True)
+    """Timestamped lines on stderr (readable in cron logs); only qscore's own logger is verbose."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("qscore").setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 _register_training()

@@ -132,6 +132,8 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
         cls = registry.get(cfg.model)
     except KeyError as e:
         raise UsageError(str(e.args[0])) from e
+    except ImportError as e:
+        raise UsageError(f"model {cfg.model!r} cannot be loaded: {e}") from e
     if cls.spec.task != cfg.task:
         raise UsageError(f"model {cfg.model!r} is a {cls.spec.task} model; use `qscore {cls.spec.task}`")
     overrides = dict(cfg.overrides)
@@ -139,7 +141,11 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
     if cfg.weights not in (None, "random"):
         if not Path(cfg.weights).is_file():
             raise UsageError(f"--weights {cfg.weights}: no such file (or use 'random')")
-        card = json.loads(Path(cfg.weights).with_suffix(".json").read_text())
+        card_path = Path(cfg.weights).with_suffix(".json")
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--weights {cfg.weights}: cannot read its card {card_path}: {e}") from e
         preset = preset or card.get("preset")
         overrides = {**card.get("config", {}), **overrides}
     try:
@@ -149,6 +155,8 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
         weights_id, head = model.load(cfg.weights, Registry.load(cfg.registry))
     except MissingWeights as e:
         raise UsageError(str(e)) from e
+    except OSError as e:
+        raise UsageError(f"cannot read {e.filename}: {e.strerror}") from e
     except (ValueError, TypeError) as e:
         raise UsageError(f"{cfg.model}: {e}") from e
     return model.to(device).eval(), weights_id, head
