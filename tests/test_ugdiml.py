@@ -169,16 +169,6 @@ def test_training_batch_augments_image_reference_and_mask_alike(tmp_path):
         assert grad is not None and grad.abs().sum() > 0, name
 
 
-def test_eval_collate_fills_empty_masks_for_authentic_files(tmp_path, model):
-    Image.fromarray(np.full((20, 20), 255, np.uint8)).save(tmp_path / "m.png")
-    forged = write_image(tmp_path / "a.png", 20, 20)
-    prepare = model.preparer()
-    with_mask = prepare(item_for(forged.path, mask=str(tmp_path / "m.png")))
-    batch = model.collate([with_mask, prepare(forged)])
-    assert batch["mask"][0].all() and not batch["mask"][1].any()
-    assert "mask" not in model.collate([prepare(forged)])  # plain inference carries none
-
-
 def test_outputs_feed_the_forgery_meter(model, images):
     outputs, _ = run(model, images)
     meter = ForgeryMeter()

@@ -61,6 +61,7 @@ class UGDIMLConfig:
     cond_channels: int = 32  # Condition Control Module output, concatenated with x_t
     ciml_prob: float = 0.5  # training: share of pairs with a reference trained as CIML
     crop_min: float = 0.5  # training: smallest random crop, as a fraction of the image area
+    lr: float = 3e-4  # training: AdamW learning rate (`qscore train --lr` overrides it)
 
 
 class ConditionControl(nn.Module):
@@ -167,23 +168,14 @@ class UGDIML(Model):
     def load_official(self, registry) -> tuple[str, str]:
         raise MissingWeights(
             "ugdiml has no published weights. Train one model for both modes on forged/reference/mask "
-            "triples (e.g. from `qscore synth`): `qscore train ugdiml --labels train.csv --out run/`, "
-            "then pass `--weights run/best.safetensors`; `--weights random` only for smoke tests"
+            "triples (e.g. made by `qscore synth forgery`): `qscore train ugdiml --labels train.csv --init random "
+            "--out run/`, then pass `--weights run/best.safetensors`; `--weights random` only for smoke tests"
         )
 
     # ---- data ----------------------------------------------------------------------------
     def preparer(self, train: bool = False) -> "UGDIMLPrepare":
         c = self.config
         return UGDIMLPrepare(c.size, c.mode == "ciml", c.samples, c.seed, train, c.crop_min)
-
-    def collate(self, samples):
-        """Stacks inputs; when some files carry a GT mask (eval/training manifests), the others
-        are authentic and get an empty one."""
-        inputs = [s.inputs for s in samples]
-        if any("mask" in x for x in inputs):
-            empty = torch.zeros(1, self.config.size, self.config.size)
-            inputs = [{"mask": empty, **x} for x in inputs]
-        return {k: torch.stack([x[k] for x in inputs]) for k in inputs[0]}
 
     # ---- model ---------------------------------------------------------------------------
     def predict_noise(self, x_t: Tensor, t: Tensor, features: Tensor, ciml: Tensor) -> Tensor:
@@ -249,9 +241,9 @@ class UGDIML(Model):
 
 @dataclass
 class UGDIMLPrepare:
-    """Item -> Sample: forged (and reference) image resized to size x size and normalised,
-    the K initial noise maps from the file's seed, and the GT mask when the item has one.
-    ``train``: one random crop and flip applied alike to image, reference and mask."""
+    """Item -> Sample: forged (and reference) image resized to size x size and normalised, and
+    the K initial noise maps drawn from the file's seed. ``train``: the GT mask instead of the
+    noise, and one random crop and flip applied alike to image, reference and mask."""
 
     size: int
     ciml: bool
@@ -270,9 +262,9 @@ class UGDIMLPrepare:
             "reference": torch.zeros(3, self.size, self.size) if reference is None else self._image(reference, box, flip),
             "ciml": torch.tensor(reference is not None),
         }
-        if item.mask is not None or self.train:
+        if self.train:
             inputs["mask"] = self._mask(item.mask, box, flip)
-        if not self.train:
+        else:
             generator = torch.Generator().manual_seed(item.seed(self.seed))
             inputs["noise"] = torch.randn((self.samples, self.size, self.size), generator=generator)
         return Sample(item, inputs, facts, {"size": (height, width)})
