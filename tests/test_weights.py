@@ -198,6 +198,9 @@ def test_hf_source_resolves_through_the_endpoint_override_and_follows_redirects(
     assert reg.path("toy") == home / "toy" / "w.safetensors"
     assert reg.path("toy").read_bytes() == PAYLOAD
     assert server.requests == ["/org/repo/resolve/abc123/sub/w.safetensors", "/blobs/w"]
+    row = next(r for r in reg.rows() if r["key"] == "toy")
+    assert row == {"key": "toy", "kind": "hf", "source": "org/repo:sub/w.safetensors@abc123", "licence": "MIT",
+                   "used_by": "qclip", "cached": "yes"}
 
     monkeypatch.delenv("QSCORE_HF_ENDPOINT")
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")

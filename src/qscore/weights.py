@@ -301,8 +301,8 @@ def open_clip_file(location: str) -> tuple[str | None, str, str]:
 
 def describe_source(entry: Entry) -> str:
     if entry.kind == "hf" and entry.revision != "main":
-        return f"hf {entry.location}@{entry.revision}"
-    return f"{entry.kind} {entry.location}".strip()
+        return f"{entry.location}@{entry.revision}"
+    return entry.location or "-"
 
 
 def cache_home() -> Path:
