@@ -155,74 +155,42 @@ def models() -> None:
     from rich.table import Table
 
     table = Table(title="qscore models")
-    for col in ("model", "task", "params (default preset)", "trainable", "presets", "weights keys", "licence", "score"):
+    for col in ("model", "task", "params", "trainable", "presets", "weights keys"):
         table.add_column(col)
+    notes = []
     for name in registry.names():
         try:
             cls = registry.get(name)
         except Exception as e:  # noqa: BLE001 - a broken optional dependency must not hide the rest
-            table.add_row(name, "?", f"unavailable: {e}", "", "", "", "", "")
+            table.add_row(name, "?", "", "", "", f"unavailable: {e}")
             continue
         total, trainable = _count(cls)
         s = cls.spec
-        table.add_row(name, s.task, total, trainable, ", ".join(cls.presets), ", ".join(s.weights_keys), s.licence,
-                      f"{s.score_range}, {'lower' if s.lower_better else 'higher'} is better")
-    Console().print(table)
-
-
-@app.command(no_args_is_help=True)
-def bench(
-    model: Annotated[str, typer.Argument(help="Model name.")],
-    paths: Annotated[Optional[list[str]], typer.Argument(help="Inputs (default: synthetic, see --synthetic).", show_default=False)] = None,
-    synthetic: Annotated[str, typer.Option("--synthetic", help="image512, video720 or video1080 when no PATH is given.")] = "",
-    n: Annotated[int, typer.Option("--n", help="Number of synthetic files.")] = 32,
-    device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = "random",
-    preset: Preset = None, sets: Set = None, repeats: Annotated[int, typer.Option("--repeats", help="Timed bare-forward batches.")] = 10,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
-) -> None:
-    """Measure a model: bare forward on pre-decoded inputs vs the runner end to end.
-
-    Reports files/s, peak GPU memory, GPU busy fraction, mean decode / stage (collate + copy) /
-    model ms per file, and the runner/bare ratio.
-
-    Examples:
-
-      qscore bench qclip --synthetic video720 --n 24 --batch-size 8
-
-      qscore bench rsfiqa ./photos --batch-size 16 --json rsfiqa.json
-    """
-    import json
-    import tempfile
-
-    from qscore.bench import bench as measure, synthesize, task_of
-
-    _logging(True, False)
-    overrides = dict(kv.split("=", 1) for kv in sets or [])
-    with tempfile.TemporaryDirectory() as tmp:
-        if not paths:
-            kind = synthetic or {"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")
-            paths = synthesize(kind, n, Path(tmp) / "inputs")
-        cfg = RunConfig(task=task_of(model), model=model, inputs=list(paths), preset=preset, overrides=overrides,
-                        weights=weights, device=device, batch_size=batch_size, workers=workers)
-        result = measure(cfg, list(paths), repeats)
-    text = json.dumps(result, indent=2)
-    typer.echo(text)
-    if json_out:
-        json_out.write_text(text + "\n")
+        table.add_row(name, s.task, total, trainable, ", ".join(cls.presets), ", ".join(s.weights_keys))
+        notes.append(f"{name}: {s.summary}\n  paper: {s.paper}\n  licence: {s.licence}\n  score: {s.score_range}")
+    console = Console()
+    console.print(table)
+    console.print("params: default preset; trainable: what `qscore train` optimises.\n", highlight=False)
+    console.print("\n".join(notes), highlight=False, soft_wrap=True)
 
 
 def _count(cls) -> tuple[str, str]:
-    """Parameter counts without allocating memory (meta device)."""
+    """Parameter counts of the default preset: on the meta device (no memory) where the model
+    allows it, else built for real on the CPU."""
     import torch
 
-    try:
-        with torch.device("meta"):
-            model = cls(cls.make_config())
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init here
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = cls(cls.make_config())
+        except Exception:  # noqa: BLE001 - e.g. a model doing numpy work at construction
+            continue
+        groups = model.trainable_parameters()
+        trainable = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
         total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.trainable_parameters())
-        return f"{total / 1e6:.2f} M", f"{trainable / 1e6:.3f} M"
-    except Exception:  # noqa: BLE001
-        return "?", "?"
+        return f"{total / 1e6:.2f} M", f"{sum(p.numel() for p in trainable) / 1e6:.3f} M"
+    return "?", "?"
 
 
 weights_app = typer.Typer(help="The weights registry (weights.toml): list, pull, verify, path.", no_args_is_help=True)
@@ -274,7 +242,7 @@ def weights_pull(keys: Annotated[list[str], typer.Argument(help="weights.toml ke
         try:
             typer.echo(f"{key}: {reg.pull(key)}")
         except (MissingWeights, KeyError, OSError, ValueError) as e:
-            typer.echo(f"{key}: {e}", err=True)
+            typer.echo(str(e), err=True)
             failed = True
     raise typer.Exit(EXIT_USAGE if failed else 0)
 
@@ -312,10 +280,7 @@ def weights_path(key: Annotated[str, typer.Argument(help="weights.toml key")], r
 
 def _register_training() -> None:
     """`train`, `eval` and `synth` live with the training code."""
-    try:
-        from qscore.train.commands import eval_command, synth_command, train_command
-    except ImportError:  # TODO(lead): remove once qscore.train.commands lands
-        return
+    from qscore.train.commands import eval_command, synth_command, train_command
 
     app.command("train", no_args_is_help=True)(train_command)
     app.command("eval", no_args_is_help=True)(eval_command)

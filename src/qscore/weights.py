@@ -36,7 +36,10 @@ import os
 import pickle
 import re
 import tempfile
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
