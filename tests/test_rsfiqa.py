@@ -147,8 +147,9 @@ def test_training_step_updates_backbone_and_rsa_only(model, items):
     finally:
         model.eval()
     assert torch.isfinite(loss)
-    trainable = {id(p) for p in model.trainable_parameters()}
-    assert trainable and all(p.grad is not None for p in model.trainable_parameters() if p.dim() > 1)
+    params = [p for group in model.trainable_parameters() for p in group["params"]]
+    trainable = {id(p) for p in params}
+    assert trainable and all(p.grad is not None for p in params if p.dim() > 1)
     assert all(id(p) not in trainable for p in model.regions.parameters())
     assert all(id(p) not in trainable for p in model.describer.parameters())
     model.zero_grad(set_to_none=True)

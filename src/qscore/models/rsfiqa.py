@@ -74,7 +74,11 @@ class Config:
     dim: int = 256
     region_layers: int = 2
     heads: int = 8
+    backbone_weights: str = ""  # weights.toml key of the backbone's pretrained state dict (--init official)
     rank_weight: float = 0.3  # L1 + rank_weight * rank loss on normalised MOS
+    lr: float = 1e-4  # RSA and head; the backbone trains at lr * backbone_lr_scale
+    backbone_lr_scale: float = 0.2  # 2e-5 for a pretrained backbone
+    weight_decay: float = 0.05
     cache_dir: str = ""  # default $QSCORE_HOME/cache/rsfiqa
 
 
@@ -379,10 +383,10 @@ class RSFIQA(Model):
     presets = {
         "default": {},
         "tiny": {
-            "backbone": "resnet18", "crop_size": 128, "test_grid": 4, "max_side": 512, "sam": "tiny",
+            "backbone": "resnet18", "crop_size": 224, "test_grid": 3, "max_side": 512, "sam": "tiny",
             "points_per_side": 8, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.6, "box_nms_thresh": 0.9,
             "min_region_frac": 0.01, "r_max": 8, "sam_points_per_batch": 64, "clip_arch": "tiny",
-            "dim": 64, "region_layers": 1, "heads": 4,
+            "dim": 64, "region_layers": 1, "heads": 4, "lr": 5e-4, "backbone_lr_scale": 1.0,
         },
     }
 
@@ -553,33 +557,47 @@ class RSFIQA(Model):
         return (total / count.clamp_min(1)).numpy()
 
     # ---- weights and training -------------------------------------------------------------------
+    def train(self, mode: bool = True) -> RSFIQA:
+        """SAM and the describer stay in eval mode: their outputs are cached, so they must not
+        depend on whether the model is training."""
+        super().train(mode)
+        self.regions.eval()
+        self.describer.eval()
+        return self
+
     def load_frozen(self, registry: Any) -> None:
         """SAM and CLIP checkpoints from weights.toml (the parts ``qscore train`` never changes)."""
+        import open_clip
+
         from qscore.weights import load_state
 
         if self.config.sam not in SAM_KEYS or self.config.clip_arch != "ViT-B-16":
-            raise MissingWeights(f"no official weights for sam={self.config.sam} clip={self.config.clip_arch}; use --weights random")
+            raise MissingWeights(f"no official weights for sam={self.config.sam}, clip={self.config.clip_arch}; use --weights random")
         self.regions.sam.load_state_dict(load_state(registry.path(SAM_KEYS[self.config.sam])))
-        import open_clip
-
         open_clip.load_checkpoint(self.describer.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
         self.describer.reset()
 
     def load_official(self, registry: Any) -> tuple[str, str]:
-        """The score head is a ``qscore train rsfiqa`` checkpoint registered as ``rsfiqa-head``
-        (the paper released no weights)."""
-        from qscore.weights import load_checkpoint
+        """SAM + CLIP, and the score head registered as ``rsfiqa-head`` (a ``qscore train rsfiqa``
+        checkpoint; the paper released none). Without one the head stays random (rows say
+        ``head = random``; ``qscore train --init official`` starts here, with the backbone's
+        pretrained weights from ``backbone_weights`` when set)."""
+        from qscore.weights import load_checkpoint, load_state
 
         try:
-            path = registry.path("rsfiqa-head")
-        except (KeyError, MissingWeights) as e:
-            raise MissingWeights(
-                "rsfiqa has no official head (the paper released no weights): train one with "
-                f"`qscore train rsfiqa`, register it as 'rsfiqa-head' or pass --weights FILE, or use --weights random ({e})"
-            ) from e
-        state, card = load_checkpoint(path, expect_model=self.spec.name)
-        self.load_trained(state, card, registry)
-        return card["weights_id"], "trained"
+            has_head = registry.entry("rsfiqa-head").kind != "none"
+        except KeyError:
+            has_head = False
+        if has_head:
+            state, card = load_checkpoint(registry.path("rsfiqa-head"), expect_model=self.spec.name)
+            self.load_trained(state, card, registry)
+            return card["weights_id"], "trained"
+        self.load_frozen(registry)
+        if self.config.backbone_weights:
+            missing = self.backbone.body.load_state_dict(load_state(registry.path(self.config.backbone_weights)), strict=False)
+            if missing.missing_keys:
+                raise ValueError(f"{self.config.backbone_weights} does not fit {self.config.backbone}: missing {missing.missing_keys[:5]}")
+        return f"{SAM_KEYS[self.config.sam]}+clip-vit-b16-openai", "random"
 
     def load_trained(self, state: dict[str, Tensor], card: dict, registry: Any) -> None:
         if card.get("backbone") == "official":
@@ -588,10 +606,15 @@ class RSFIQA(Model):
         if unknown:
             raise ValueError(f"checkpoint has tensors this model does not: {unknown[:5]}")
         self.load_state_dict(state, strict=False)
+        self.describer.reset()
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Backbone, RSA and head; SAM and the describer stay frozen (their outputs are cached)."""
-        return [p for m in (self.backbone, self.rsa) for p in m.parameters() if p.requires_grad]
+    def trainable_parameters(self) -> list[dict]:
+        """Backbone (at ``backbone_lr_scale`` x lr) and RSA + head; SAM and the describer stay
+        frozen (their outputs are cached)."""
+        return [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr_scale": self.config.backbone_lr_scale},
+            {"params": [p for p in self.rsa.parameters() if p.requires_grad]},
+        ]
 
     def training_loss(self, batch: dict[str, Tensor], targets: Tensor) -> Tensor:
         """L1 on normalised MOS plus ``rank_weight`` x the pairwise rank loss."""

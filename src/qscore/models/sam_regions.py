@@ -284,8 +284,9 @@ class RegionCache:
 
 def default_cache_dir() -> Path:
     """``$QSCORE_HOME/cache/rsfiqa`` (``$QSCORE_HOME`` defaults to ``$XDG_CACHE_HOME/qscore``)."""
-    home = os.environ.get("QSCORE_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qscore"
-    return Path(home) / "cache" / "rsfiqa"
+    from qscore.weights import cache_home
+
+    return cache_home() / "cache" / "rsfiqa"
 
 
 def fingerprint(module: nn.Module) -> str:
