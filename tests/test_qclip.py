@@ -310,6 +310,20 @@ def test_official_backbone_without_head_is_zero_shot(pe_checkpoint, motion_video
     expected = (100 * out["sims"]).softmax(-1) @ torch.arange(1.0, 6.0)
     torch.testing.assert_close(out["score"], expected)
     assert ((out["score"] >= 1) & (out["score"] <= 5)).all()
+    m.train()  # `qscore train` from the official backbone trains the head: adapters on
+    assert not m.zero_shot and m.training_loss({"frames": frames(3)}, torch.tensor([1.0, 2.0, 3.0])).requires_grad
+
+
+def test_checkpoint_of_a_random_backbone_run_restores_every_tensor(tmp_path):
+    from qscore.weights import save_checkpoint
+
+    trained = make_model(5)
+    ckpt = save_checkpoint(tmp_path / "best.safetensors", trained.state_dict(), {"model": "qclip", "backbone": "random"})
+    m = make_model(6)  # another random backbone: it must be replaced by the trained run's
+    assert m.load(str(tmp_path / "best.safetensors"), FakeRegistry({})) == (ckpt["weights_id"], "trained")
+    x = frames(2)
+    with torch.inference_mode():
+        torch.testing.assert_close(m({"frames": x})["score"], trained({"frames": x})["score"])
 
 
 def test_official_head_slot_and_trained_checkpoint(pe_checkpoint, tmp_path):

@@ -294,8 +294,11 @@ class QCLIP(Model):
         return rows
 
     def train(self, mode: bool = True) -> QCLIP:
+        """The frozen towers never switch to training behaviour; training a head ends the
+        zero-shot fallback (``qscore train`` starts from the official backbone's zero-shot)."""
         super().train(mode)
-        self.clip.eval()  # the frozen towers never switch to training behaviour
+        self.clip.eval()
+        self.zero_shot = self.zero_shot and not mode
         return self
 
     # ---- weights -----------------------------------------------------------------------------------
@@ -332,9 +335,14 @@ class QCLIP(Model):
         return OFFICIAL_BACKBONES[self.config.backbone]
 
     def load_trained(self, state: dict[str, Tensor], card: dict, registry: Any) -> None:
+        """A ``qscore train`` checkpoint: over the official backbone it holds the head only;
+        trained from a random backbone (``--init random``) it holds every tensor."""
         if card.get("backbone") == "official":
             self.load_backbone(registry.path(self._backbone_key()))
-        self._load_head(state)
+            self._load_head(state)
+        else:
+            self.load_state_dict(state, strict=True)
+            self.zero_shot = False
 
     def _load_head(self, state: dict[str, Tensor]) -> None:
         """A head checkpoint: the ``head.*`` tensors, all of them (backbone tensors are ignored)."""
