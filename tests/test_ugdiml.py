@@ -57,6 +57,13 @@ def test_forward_noising_at_t0_returns_x0(model):
     at_t = model.diffusion.add_noise(x0, eps, torch.full((3,), TRAIN_STEPS))
     assert torch.allclose(at_t, eps, atol=0.02)  # alpha_bar_T ~ 4e-5: pure noise
     assert model.diffusion.timesteps[0] == TRAIN_STEPS  # sampling starts from pure noise
+    assert torch.equal(model.diffusion.alpha_bar, model.diffusion.scheduler.alphas_cumprod)  # one table
+
+
+def test_default_builds_on_the_meta_device():  # `qscore models` counts parameters this way
+    with torch.device("meta"):
+        model = UGDIML(UGDIML.make_config())
+    assert 20e6 < sum(p.numel() for p in model.parameters()) < 30e6
 
 
 def test_same_seed_same_mask_whatever_the_batch(model, images):

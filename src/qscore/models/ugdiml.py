@@ -93,17 +93,18 @@ class MaskDiffusion:
     ("trailing" spacing) starts at t = T and ends on the clean state."""
 
     def __init__(self, steps: int):
-        betas = torch.cat([torch.zeros(1), torch.linspace(BETA_START, BETA_END, TRAIN_STEPS)])
+        betas = np.concatenate([[0.0], np.linspace(BETA_START, BETA_END, TRAIN_STEPS)])
         self.scheduler = DDIMScheduler(
             num_train_timesteps=TRAIN_STEPS + 1,
-            trained_betas=betas.numpy(),
+            trained_betas=betas,
             clip_sample=True,
             set_alpha_to_one=True,
             timestep_spacing="trailing",
             prediction_type="epsilon",
         )
         self.scheduler.set_timesteps(steps)
-        self.alpha_bar = self.scheduler.alphas_cumprod.clone()  # (T + 1,) float32
+        # the scheduler's own table, rebuilt on the CPU so that meta-device construction works
+        self.alpha_bar = torch.cumprod(1.0 - torch.tensor(betas, dtype=torch.float32, device="cpu"), 0)  # (T + 1,)
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """q(x_t | x0): sqrt(ab_t) x0 + sqrt(1 - ab_t) eps; x0, eps (B, 1, S, S), t (B,) long."""
