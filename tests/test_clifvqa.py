@@ -55,6 +55,7 @@ def test_window_grid_spans_the_frame(tmp_path, size):
     boxes, (h, w) = sample.keep["boxes"], sample.keep["size"]
     assert (h, w) == size and boxes.shape == (9, 4)
     assert sample.inputs["windows"].shape == (4, 9, 3, 32, 32)
+    assert sample.facts["frames_used"] == [0, 2, 3, 5] and sample.facts["width"] == size[1]
     assert tuple(boxes[0, :2]) == (0, 0) and tuple(boxes[-1, 2:]) == (h, w)
     covered = np.zeros(size, bool)
     for y0, x0, y1, x1 in boxes:
@@ -218,3 +219,30 @@ def test_random_init_checkpoint_round_trip(tmp_path, videos):
     got, _ = score(model, videos[:2])
     for a, b in zip(got, expected):
         assert a.columns == pytest.approx(b.columns, abs=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["mixed", "decoupled"])
+def test_default_preset_on_gpu(tmp_path, variant):
+    """Default preset (ViT-B/16, random weights) under bf16 autocast: finite, in-range
+    feelings, and a file's score does not depend on the batch it is in."""
+    rng = np.random.default_rng(3)
+    items = [make_video(tmp_path / f"g{i}.mp4", texture(rng, 12, 360, 640)) for i in range(3)]
+    torch.manual_seed(0)
+    model = CLiFVQA(CLiFVQA.make_config("default", variant=variant)).cuda().eval()
+    prepare = model.preparer()
+    samples = [prepare(it) for it in items]
+
+    def run(group):
+        batch = {k: v.cuda() for k, v in model.collate(group).items()}
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            return {k: v.float().cpu() for k, v in model(batch).items()}
+
+    together = run(samples)
+    assert torch.isfinite(together["score"]).all()
+    assert ((together["feelings"] >= 0) & (together["feelings"] <= 1)).all()
+    for i, s in enumerate(samples):
+        alone = run([s])
+        torch.testing.assert_close(alone["feelings"][0], together["feelings"][i], atol=2e-3, rtol=0)
+        torch.testing.assert_close(alone["score"][0], together["score"][i], atol=1e-2, rtol=1e-2)

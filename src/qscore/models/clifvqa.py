@@ -86,7 +86,8 @@ def _check(config: CLiFVQAConfig) -> None:
 @dataclass
 class CLiFVQAPrepare:
     """Item -> Sample: sampled frames as uint8 windows (T, G, 3, S, S) with their boxes, the
-    downscaled whole frames (decoupled), fragments (T, 3, F, F) and the middle frame."""
+    downscaled whole frames (decoupled), fragments (T, 3, F, F) and the middle frame. Fragment
+    offsets are fixed by the file when scoring and drawn afresh in training (augmentation)."""
 
     frames: int
     sampler: str
@@ -98,6 +99,7 @@ class CLiFVQAPrepare:
     keep_frame: bool
     max_side: int
     seed: int
+    train: bool = False
 
     def __call__(self, item: Item) -> Sample:
         from qscore.media import sampling
@@ -111,14 +113,13 @@ class CLiFVQAPrepare:
                 indices = sampling.uniform_indices(reader.n_frames, self.frames)
             frames = reader.frames(indices)  # uint8 (T, H, W, 3)
             facts = reader.facts()
-        facts = {**facts, "frames_used": len(frames), "decode_ms": (time.perf_counter() - t0) * 1e3}
+        facts = {**facts, "frames_used": [int(i) for i in indices], "decode_ms": (time.perf_counter() - t0) * 1e3}
         x = sampling.to_tensor(frames)  # (T, 3, H, W) in [0, 1]
         windows, boxes = sampling.sliding_windows(x, self.window, tuple(self.grid))  # (T, G, 3, S, S)
+        seed = int(torch.randint(2**62, ())) if self.train else item.seed(self.seed)
         inputs = {
             "windows": to_uint8(windows),
-            "fragments": to_uint8(
-                sampling.fragments(x, self.fragment_grid, self.fragment_patch, item.seed(self.seed))
-            ),
+            "fragments": to_uint8(sampling.fragments(x, self.fragment_grid, self.fragment_patch, seed)),
         }
         if self.whole:
             inputs["frames"] = to_uint8(sampling.squash_resize(x, (self.window, self.window)))
@@ -270,6 +271,7 @@ class CLiFVQA(Model):
             keep_frame=c.heatmap and not train,
             max_side=c.max_side,
             seed=c.seed,
+            train=train,
         )
 
     def feel(self, images: torch.Tensor, prompts: AntonymPrompts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,15 +40,14 @@ def build_clip(
     import open_clip
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    if tiny:
-        if pretrained_path is not None:
-            raise ValueError("a tiny CLIP is random; it cannot load pretrained weights")
-        cfg = TINY_CFG if tiny is True else tiny
-        model = open_clip.CLIP(**cfg, quick_gelu=quick_gelu)
-    else:
-        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu)
-        if pretrained_path is not None:
-            open_clip.load_checkpoint(model, str(pretrained_path), strict=True)
+    if tiny and pretrained_path is not None:
+        raise ValueError("a tiny CLIP is random; it cannot load pretrained weights")
+    cfg = (TINY_CFG if tiny is True else tiny) if tiny else open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {arch!r}")
+    model = open_clip.CLIP(**cfg, quick_gelu=quick_gelu)  # built in place: works on the meta device
+    if pretrained_path is not None:
+        open_clip.load_checkpoint(model, str(pretrained_path), strict=True)
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer("ViT-B-16" if tiny else arch)
     size = model.visual.image_size
