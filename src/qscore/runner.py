@@ -148,8 +148,9 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
             raise UsageError(f"--weights {cfg.weights}: cannot read its card {card_path}: {e}") from e
         preset = preset or card.get("preset")
         overrides = {**card.get("config", {}), **overrides}
+    cfg.preset = preset or next(iter(cls.presets))  # a checkpoint's card names its preset
     try:
-        config = cls.make_config(preset, **overrides)
+        config = cls.make_config(cfg.preset, **overrides)
         torch.manual_seed(cfg.seed)  # random weights are reproducible too
         model = cls(config)
         weights_id, head = model.load(cfg.weights, Registry.load(cfg.registry))
@@ -188,7 +189,7 @@ def run(cfg: RunConfig) -> int:
         "model": spec.name,
         "mode": _mode(model),
         "task": spec.task,
-        "preset": cfg.preset or next(iter(type(model).presets)),
+        "preset": cfg.preset,
         "weights_id": weights_id,
         "head": head,
         "config_hash": model.config_hash(),
@@ -237,7 +238,7 @@ def _score(
         "task": model.spec.task,
         "model": model.spec.name,
         "mode": _mode(model),
-        "preset": cfg.preset or next(iter(type(model).presets)),
+        "preset": cfg.preset,
         "weights_id": weights_id,
         "head": head,
         "config_hash": config_hash,
