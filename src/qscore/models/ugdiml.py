@@ -41,7 +41,6 @@ from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Output, S
 TRAIN_STEPS = 1000  # T
 BETA_START, BETA_END = 1e-4, 0.02
 STD_MAX = 0.5  # the largest possible std of values in [0, 1]: uncertainty PNG = std / 0.5 x 255
-IML, CIML = 0, 1  # class labels
 
 
 @dataclass
