@@ -129,12 +129,13 @@ def test_deterministic_and_batch_independent(videos):
     assert len({round(r.columns["score"], 6) for r in together}) == len(videos)
 
 
-def test_rows_have_every_feeling_column(videos):
-    for variant in ("mixed", "decoupled"):
-        model = model_for(variant=variant)
-        [out], _ = score(model, videos[:1])
-        assert set(CLiFVQA.spec.columns) | {"score"} == set(out.columns)
-        assert all(0.0 <= out.columns[k] <= 1.0 for k in CLiFVQA.spec.columns)
+@pytest.mark.parametrize("variant,sampler", [("mixed", "uniform"), ("decoupled", "framediff")])
+def test_rows_have_every_feeling_column(videos, variant, sampler):
+    model = model_for(variant=variant, sampler=sampler)
+    [out], [sample] = score(model, videos[:1])
+    assert set(CLiFVQA.spec.columns) | {"score"} == set(out.columns)
+    assert all(0.0 <= out.columns[k] <= 1.0 for k in CLiFVQA.spec.columns)
+    assert len(sample.facts["frames_used"]) == 4 and ("frames" in sample.inputs) == (variant == "decoupled")
 
 
 def test_zero_shot_score_is_the_mean_feeling(videos):
