@@ -9,6 +9,7 @@ forward runs, and batch n's results are fetched and written after n+1 is launche
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -149,6 +150,8 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
         preset = preset or card.get("preset")
         overrides = {**card.get("config", {}), **overrides}
     cfg.preset = preset or next(iter(cls.presets))  # a checkpoint's card names its preset
+    if "seed" in {f.name for f in dataclasses.fields(cls.Config)}:
+        overrides.setdefault("seed", cfg.seed)  # --seed drives the model's per-file sampling
     try:
         config = cls.make_config(cfg.preset, **overrides)
         torch.manual_seed(cfg.seed)  # random weights are reproducible too
