@@ -151,7 +151,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
         overrides = {**card.get("config", {}), **overrides}
     cfg.preset = preset or next(iter(cls.presets))  # a checkpoint's card names its preset
     if "seed" in {f.name for f in dataclasses.fields(cls.Config)}:
-        overrides.setdefault("seed", cfg.seed)  # --seed drives the model's per-file sampling
+        overrides["seed"] = cfg.overrides.get("seed", cfg.seed)  # --seed drives per-file sampling
     try:
         config = cls.make_config(cfg.preset, **overrides)
         torch.manual_seed(cfg.seed)  # random weights are reproducible too
