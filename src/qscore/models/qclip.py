@@ -147,7 +147,7 @@ class QualityHead(nn.Module):
 
 @dataclass
 class QCLIPPrepare:
-    """Item -> 8 frames squash-resized to the backbone input by the decoder itself (much cheaper
+    """Item -> ``frames`` frames squash-resized to the backbone input by the decoder itself (cheaper
     than decoding 720p and resizing): uint8 (T, 3, S, S); normalisation runs on the device (4x
     less to copy than floats)."""
 
