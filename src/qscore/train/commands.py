@@ -127,7 +127,7 @@ def synth_command(
     kind: Annotated[str, typer.Argument(help="video (distorted clips + MOS) or forgery (splices, copy-moves, masks).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (labels.csv, train/val/test.csv, media).", show_default=False)],
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="Number of samples.")] = 200,
-    seed: Seed = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same files.")] = 0,
     pristine: Annotated[str, typer.Option("--pristine", help="Folder with bsds500/ (images + segments) and kodak/.")] = "../shared/data/pristine",
     workers: Annotated[int, typer.Option("--workers", "-j", help="Processes; -1 = one per core, 0 = in-process.")] = -1,
     size: Annotated[str, typer.Option("--size", help="video: frame size WxH (even numbers).")] = "320x240",

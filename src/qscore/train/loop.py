@@ -137,7 +137,7 @@ def train(opts: TrainOptions) -> dict:
         for epoch in range(start, stop):
             t0 = time.perf_counter()
             loss = _train_epoch(model, loader, optimizer, scheduler, device, opts.seed, epoch, bar)
-            metrics = {"epoch": epoch + 1, "train_loss": loss, "lr": scheduler.get_last_lr()[0]}
+            metrics = {"epoch": epoch + 1, "train_loss": loss, "lr": max(scheduler.get_last_lr())}
             if val_set is not None:
                 metrics |= evaluate(model, val_set, device, opts.batch_size, opts.workers, cls.spec.task)[0]
             metrics["elapsed_s"] = round(time.perf_counter() - t0, 2)
