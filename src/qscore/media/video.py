@@ -109,7 +109,10 @@ class VideoReader:
     def _decord_at(self, size: tuple[int, int]) -> Any:
         """A decord reader that decodes straight to ``size`` (h, w); one per size."""
         if size not in self._decord:
-            import decord
+            try:
+                import decord
+            except ImportError as e:
+                raise MediaError("decord is not installed; decoded with PyAV") from e
 
             uri = _ascii_safe_path(self.path, self._file.fileno())
             if uri is None:
