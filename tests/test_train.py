@@ -233,3 +233,15 @@ def test_forgery_train_and_eval_with_ugdiml_tiny(tmp_path):
     for key in ("f1", "iou", "pixel_auc", "image_auc", "authentic_fpr", "protocol"):
         assert key in card["metrics"]
     assert card["metrics"]["n_manipulated"] + card["metrics"]["n_authentic"] == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_training_and_eval_on_cuda(tmp_path, data):
+    summary = train(options(data, tmp_path / "run", device="cuda", epochs=2))
+    _, card = load_checkpoint(summary["best"], expect_model="tinyq")
+    assert all(math.isfinite(card["metrics"][k]) for k in ("train_loss", "srcc", "plcc"))
+    model = TinyQuality(TinyQuality.make_config("tiny"))
+    model.load(summary["best"], None)
+    metrics, _ = evaluate(model.cuda(), read_labels(data / "val.csv", "image"), torch.device("cuda"), 2, 0)
+    assert metrics["srcc"] == pytest.approx(card["metrics"]["srcc"], abs=1e-6)

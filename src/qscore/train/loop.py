@@ -66,7 +66,7 @@ class TrainOptions:
 # ---- training ------------------------------------------------------------------------------
 def train(opts: TrainOptions) -> dict:
     """Run (or resume) a training; returns a summary with the best checkpoint and its snippet."""
-    from qscore.weights import Registry, load_checkpoint, snippet
+    from qscore.weights import Registry, atomic_file, load_checkpoint, snippet
 
     if opts.epochs < 1 or opts.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
@@ -101,7 +101,7 @@ def train(opts: TrainOptions) -> dict:
     model.to(device)
 
     optimizer = torch.optim.AdamW(_param_groups(model, opts), lr=_hyper(model, "lr", opts.lr, DEFAULT_LR))
-    loader = _loader(model, train_set, opts.batch_size, opts.workers, device, train=True)
+    loader = _loader(model, train_set, opts.batch_size, opts.workers, train=True)
     steps = len(loader)
     total = opts.epochs * steps
     warmup = min(round(opts.warmup_epochs * steps), total // 2)
@@ -115,6 +115,9 @@ def train(opts: TrainOptions) -> dict:
             raise UsageError("--resume: the run was started with other settings: " + "; ".join(
                 f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
         weights, card = load_checkpoint(last, expect_model=cls.spec.name)
+        if card.get("epoch") != state["epoch"]:
+            raise UsageError(f"--resume: {last} is from epoch {card.get('epoch')} but {resume_file} from epoch "
+                             f"{state['epoch']} (interrupted while saving?): restart the run in a new --out")
         model.load_trained(weights, card, reg)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -144,12 +147,13 @@ def train(opts: TrainOptions) -> dict:
             value = selection_value(metrics, cls.spec.task)
             card_e = card | {"epoch": epoch + 1, "metrics": _jsonable(metrics)}
             _save(model, last, card_e)
-            improved = value > best or val_set is None
+            improved = value > best or best_epoch is None or val_set is None
             if improved:
                 best, best_epoch = value, epoch + 1
                 _save(model, out / "best.safetensors", card_e | {"selected_by": _selected_by(cls.spec.task, val_set)})
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                        "best": best, "best_epoch": best_epoch, "key": key}, resume_file)
+            with atomic_file(resume_file) as tmp:
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "key": key}, tmp)
             with open(out / "history.jsonl", "a") as f:
                 f.write(json.dumps(_jsonable(metrics)) + "\n")
             log.info("epoch %d/%d %s%s", epoch + 1, opts.epochs, _brief(metrics), " (best)" if improved else "")
@@ -222,7 +226,7 @@ def evaluate(
     model.eval()
     rows: list[dict] = []
     meter = ForgeryMeter() if task == "forgery" else None
-    loader = _loader(model, labels, batch_size, workers, device, train=False)
+    loader = _loader(model, labels, batch_size, workers, train=False)
     for chunk in loader:
         for index, failure, _ in (c for c in chunk if isinstance(c[1], Failure)):
             rows.append(_row(labels, index) | {"status": "error", "error": failure.error, "prediction": math.nan})
@@ -289,7 +293,7 @@ class _Indexed(Prepared):
         return i, super().__getitem__(i), float(self.targets[i])
 
 
-def _loader(model: Model, labels: Labels, batch_size: int, workers: int, device: torch.device, train: bool) -> DataLoader:
+def _loader(model: Model, labels: Labels, batch_size: int, workers: int, train: bool) -> DataLoader:
     """Chunks of ``(index, Sample | Failure, target)``; shuffled by a generator the training
     loop reseeds each epoch."""
     return DataLoader(
@@ -300,7 +304,6 @@ def _loader(model: Model, labels: Labels, batch_size: int, workers: int, device:
         num_workers=workers if workers >= 0 else min(8, os.cpu_count() or 1),
         collate_fn=list,
         generator=torch.Generator() if train else None,
-        pin_memory=device.type == "cuda",
     )
 
 
