@@ -128,7 +128,7 @@ def measure(forward, batch: torch.Tensor, iters: int, budget_s: float) -> dict:
                 torch.cuda.synchronize()
                 done += 1
             seconds = time.perf_counter() - start
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"status": "oom"}
     videos = done * batch.shape[0]
@@ -142,15 +142,18 @@ def measure(forward, batch: torch.Tensor, iters: int, budget_s: float) -> dict:
     }
 
 
-def contenders(scan: str):
-    """name -> (model, forward(batch (b, 1, T, 3, H, W)))."""
-    import torchvision
+CONTENDERS = ("mvqa-tiny", "mvqa-middle", "swin3d_t")
 
-    for preset in ("tiny", "middle"):
-        model = MVQA(MVQA.make_config(preset, scan=scan)).cuda().eval()
-        yield f"mvqa-{preset}", model, lambda x, m=model: m({"video": x})["score"]
-    swin = torchvision.models.video.swin3d_t(weights=None, num_classes=1).cuda().eval()
-    yield "swin3d_t", swin, lambda x, m=swin: m(x.flatten(0, 1).transpose(1, 2))
+
+def build(name: str, scan: str, frames: int):
+    """(model on the GPU, forward(batch (b, 1, T, 3, H, W))) for a contender."""
+    if name == "swin3d_t":
+        import torchvision
+
+        swin = torchvision.models.video.swin3d_t(weights=None, num_classes=1).cuda().eval()
+        return swin, lambda x: swin(x.flatten(0, 1).transpose(1, 2))
+    model = MVQA(MVQA.make_config(name.removeprefix("mvqa-"), scan=scan, frames=frames)).cuda().eval()
+    return model, lambda x: model({"video": x})["score"]
 
 
 def markdown(result: dict) -> str:
@@ -217,14 +220,16 @@ def main() -> None:
     if kernels.selective_scan is not None:
         result["scan_agreement"] = scan_agreement()
         result["model_agreement"] = model_agreement(video)
-    for name, model, forward in contenders(args.scan):
+    for name in CONTENDERS:
+        model, forward = build(name, args.scan, args.frames)
         entry = {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "batches": {}}
         for batch in map(int, args.batches.split(",")):
             clips = video.cuda().repeat(batch, 1, 1, 1, 1, 1)
             entry["batches"][str(batch)] = measure(forward, clips, args.iters, args.budget_s)
             print(name, batch, entry["batches"][str(batch)], flush=True)
+            del clips
         result["models"][name] = entry
-        del model, forward
+        del model, forward  # free it before the next contender is measured
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mvqa.json").write_text(json.dumps(result, indent=2))

@@ -93,7 +93,7 @@ def _hillis_steele(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def linear_scan(a: Tensor, b: Tensor, chunk: int = 64) -> Tensor:
+def linear_scan(a: Tensor, b: Tensor, chunk: int = 16) -> Tensor:
     """``h_t = a_t h_{t-1} + b_t`` along the last dim, chunked (see the module docstring).
     a, b: (..., L) -> h: (..., L)."""
     length = a.shape[-1]
@@ -118,7 +118,7 @@ def selective_scan_reference(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = True,
-    chunk: int = 64,
+    chunk: int = 16,
 ) -> Tensor:
     """Pure PyTorch selective scan with mamba-ssm's signature, computed in fp32 (fp64 if ``u``
     is fp64). u, delta, z: (b, d, L); A: (d, n); B, C: (b, n, L); D, delta_bias: (d,).
