@@ -153,7 +153,7 @@ def test_fused_matches_reference_fp32():
     x = random_scan_inputs(b=2, d=64, n=16, length=3000, dtype=torch.float32, device="cuda")
     fused = selective_scan(**x, impl="fused")
     ref = selective_scan(**x, impl="reference")
-    assert rel_error(fused, ref) < 1e-5
+    assert rel_error(fused, ref) < 1e-4  # two fp32 orders of summation over 3,000 steps
 
 
 @pytest.mark.gpu
@@ -175,12 +175,13 @@ def test_fused_matches_reference_bf16_path():
 
 @pytest.mark.gpu
 @gpu
-def test_block_fused_matches_reference_on_gpu():
+def test_block_fused_matches_reference_on_gpu(monkeypatch):
     if mamba.fused_kernels().selective_scan is None:
         pytest.skip(f"mamba-ssm not importable: {mamba.fused_kernels().reason}")
     torch.manual_seed(0)
     block = MambaBlock(64, d_state=16).cuda().eval()
     x = torch.randn(2, 1000, 64, device="cuda")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # keep the reference conv in fp32
     with torch.no_grad():
         ref = block(x)
         block.mixer.impl = "fused"

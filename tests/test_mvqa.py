@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from qscore.media.sampling import clip_indices, usds
+from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, clip_indices, normalize, to_tensor, usds
+from qscore.media.video import open_video
 from qscore.models.base import Item, MissingWeights
 from qscore.models.mvqa import MVQA
 
@@ -94,6 +95,14 @@ def test_forward_scores_are_batch_independent_and_deterministic():
     assert scores.shape == (3,) and scores.dtype == torch.float32
     assert torch.allclose(scores, single, atol=1e-6)
     assert torch.equal(scores, make()({"video": video})["score"].detach())  # same seed, same model
+
+
+def test_clip_spans_cover_the_video():
+    prepare = make(clips=3, interval=2).preparer()
+    clips = prepare.clip_frames(300)
+    assert [c.tolist() for c in clips] == [[46, 48, 50, 52], [146, 148, 150, 152], [246, 248, 250, 252]]
+    short = prepare.clip_frames(2)  # fewer frames than clips: every index stays in range
+    assert all(0 <= i < 2 for c in short for i in c) and all(len(c) == 4 for c in short)
 
 
 def test_clips_are_averaged():
@@ -227,6 +236,11 @@ def test_preparer_on_a_real_video_is_deterministic_per_file():
     assert abs(float(video.mean())) < 3 and a.facts["frames_used"] == clip_indices(a.facts["n_frames"], 4, 2)
     other = make(seed=1).preparer()(item).inputs["video"]
     assert not torch.equal(video, other)  # the run seed moves the fragments
+    # frame by frame (as the preparer does it) = the whole clip at once
+    with open_video(str(path)) as reader:
+        frames = to_tensor(reader.frames(a.facts["frames_used"]))
+    whole = normalize(usds(frames, 2, 32, item.seed(0)), IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.allclose(video[0], whole, atol=1e-6)
     renamed = Item(str(path), "other.mp4", item.size, item.mtime)
     assert not torch.equal(video, prepare(renamed).inputs["video"])
 

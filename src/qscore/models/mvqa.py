@@ -112,27 +112,32 @@ class USDSPreparer:
         start = time.perf_counter()
         with open_video(item.path) as reader:
             indices = np.concatenate(self.clip_frames(reader.n_frames)).tolist()
-            frames = reader.frames(indices)
+            frames = reader.frames(indices)  # uint8 (clips * T, H, W, 3)
             facts = reader.facts()
         facts.update(frames_used=indices, decode_ms=1000 * (time.perf_counter() - start))
         # Training draws fresh fragment offsets every epoch (the worker's torch RNG); scoring
         # fixes them by the file so the same file always gives the same score.
         seed = int(torch.randint(2**62, ())) if self.train else item.seed(self.seed)
-        video = to_tensor(frames).unflatten(0, (self.clips, self.frames))  # (clips, T, 3, H, W)
-        side = self.grid * self.fragment
-        samples = [usds(clip, self.grid, self.fragment, seed + i) for i, clip in enumerate(video)]
-        video = normalize(torch.stack(samples), IMAGENET_MEAN, IMAGENET_STD)
-        if video.shape[-2:] != (side, side):
-            raise ValueError(f"usds gave {tuple(video.shape[-2:])}, expected {(side, side)}")
+        # One frame at a time: a float copy of a whole 4K clip would need gigabytes. A seed
+        # gives the same offsets for every call, so the clip's fragments stay aligned in time.
+        clips = [
+            torch.cat([usds(to_tensor(frame[None]), self.grid, self.fragment, seed + k) for frame in clip])
+            for k, clip in enumerate(np.split(frames, self.clips))
+        ]
+        video = normalize(torch.stack(clips), IMAGENET_MEAN, IMAGENET_STD)  # (clips, T, 3, side, side)
         return Sample(item, {"video": video}, facts)
 
     def clip_frames(self, n_frames: int) -> list[np.ndarray]:
-        """Frame indices of each clip: the video cut into ``clips`` equal spans, one clip in each."""
+        """Frame indices of each clip: the video cut into ``clips`` equal spans (at least one
+        frame each), one clip in each."""
         bounds = np.linspace(0, n_frames, self.clips + 1).astype(int)
-        return [
-            lo + np.asarray(clip_indices(hi - lo, self.frames, self.interval) if self.interval else uniform_indices(hi - lo, self.frames))
-            for lo, hi in zip(bounds[:-1], bounds[1:])
-        ]
+        clips = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            lo = min(lo, n_frames - 1)
+            length = max(hi - lo, 1)
+            pick = clip_indices(length, self.frames, self.interval) if self.interval else uniform_indices(length, self.frames)
+            clips.append(lo + np.asarray(pick))
+        return clips
 
 
 class MVQA(Model):
