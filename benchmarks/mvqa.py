@@ -19,6 +19,10 @@ Call (on the GPU host; mamba-ssm built by ``/work/shared/tools/build-mamba-sm90.
     export PYTHONPATH=/tmp/msite:$PYTHONPATH      # where the build put mamba-ssm
     python benchmarks/mvqa.py --out bench-out/mvqa [--batches 1,4,8,16] [--scan auto]
 
+``import mamba_ssm`` also imports einops, triton and transformers (its package ``__init__``
+loads its language-model code); a missing one shows in ``env.fused_unavailable_because`` and
+the reference scan runs instead.
+
 Writes ``DIR/mvqa.json`` (everything) and ``DIR/mvqa.md`` (the tables); prints the markdown.
 Without CUDA it stops with a message. A configuration that runs out of memory is recorded as
 ``oom`` and the run goes on.
