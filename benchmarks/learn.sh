@@ -11,7 +11,7 @@
 set -u
 DATA=$1 OUT=$2 BUDGET=$3
 shift 3
-RUNS=/tmp/qscore-runs
+RUNS=$(mktemp -d /tmp/qscore-runs.XXXX)  # fresh: a warm host keeps /tmp
 mkdir -p "$OUT" "$RUNS"
 TEST=$DATA/test.csv
 [ -f "$TEST" ] || TEST=$DATA/val.csv

@@ -60,7 +60,7 @@ class VideoReader:
     # ---- opening ---------------------------------------------------------------------------
     def _probe(self, head: bytes) -> None:
         try:
-            self._container = av.open(self.path, metadata_errors="ignore")
+            self._container = _av_open(self.path)
         except av.error.FFmpegError as e:
             if looks_like_text(head):
                 raise MediaError("not a video: the file holds text") from e
@@ -335,3 +335,11 @@ def _span(positions: list[int]) -> str:
     parts.append(run)
     text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in parts)
     return text if len(text) < 120 else text[:117] + "..."
+
+
+def _av_open(path: str) -> Any:
+    """av.open, ignoring undecodable metadata where PyAV has the option (it went in PyAV 19)."""
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except TypeError:
+        return av.open(path)

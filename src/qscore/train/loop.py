@@ -208,7 +208,9 @@ def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) 
             losses.append(float(loss.detach()))
         scheduler.step()
         bar.advance(losses[-1] if losses else math.nan)
-    return float(np.mean(losses)) if losses else math.nan
+    if not losses:
+        raise RuntimeError("no training batch had two decodable files: see the warnings above")
+    return float(np.mean(losses))
 
 
 # ---- evaluation ----------------------------------------------------------------------------
