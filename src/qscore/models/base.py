@@ -167,14 +167,19 @@ class Model(nn.Module):
             f"`qscore train {self.spec.name}` and pass --weights FILE, or use --weights random"
         )
 
+    def load_backbone(self, registry: Any) -> None:
+        """The pretrained parts (backbones) from weights.toml and no trained head: where
+        ``qscore train --init official`` starts, and what a head-only checkpoint sits on."""
+        raise MissingWeights(f"{self.spec.name} has no pretrained backbone to start from")
+
     def load_trained(self, state: dict[str, torch.Tensor], card: dict, registry: Any) -> None:
         """Load a ``qscore train`` checkpoint. By default: the frozen parts from the official
         backbone when the card says it was used, then the saved tensors on top (strict on them)."""
         if card.get("backbone") == "official":
-            self.load_official(registry)
-        missing = set(state) - set(self.state_dict())
-        if missing:
-            raise ValueError(f"checkpoint has tensors this model does not: {sorted(missing)[:5]}")
+            self.load_backbone(registry)
+        unknown = sorted(set(state) - set(self.state_dict()))
+        if unknown:
+            raise ValueError(f"checkpoint has tensors this model does not: {unknown[:5]}")
         self.load_state_dict(state, strict=False)
 
     # ---- the four steps -----------------------------------------------------------------

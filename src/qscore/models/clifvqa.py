@@ -210,13 +210,7 @@ class CLiFVQA(Model):
     def load_official(self, registry: Any) -> tuple[str, str]:
         """openai CLIP from weights.toml, plus the ``clifvqa-head`` checkpoint when one is
         registered (a file entry); without one the score is zero-shot (mean feeling)."""
-        if self.config.clip_tiny:
-            raise MissingWeights("the tiny preset has a random CLIP: use --weights random or a trained checkpoint")
-        from open_clip import load_checkpoint
-
-        load_checkpoint(self.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
-        self.clip.requires_grad_(False)
-        self._reset_prompts()
+        self.load_backbone(registry)
         try:
             has_head = registry.entry("clifvqa-head").kind != "none"
         except KeyError:
@@ -231,6 +225,16 @@ class CLiFVQA(Model):
         self._reset_prompts()
         self.zero_shot = False
         return card["weights_id"], "trained"
+
+    def load_backbone(self, registry: Any) -> None:
+        """The frozen openai CLIP ViT-B/16 from weights.toml."""
+        if self.config.clip_tiny:
+            raise MissingWeights("the tiny preset has a random CLIP: use --weights random or a trained checkpoint")
+        from open_clip import load_checkpoint
+
+        load_checkpoint(self.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
+        self.clip.requires_grad_(False)
+        self._reset_prompts()
 
     def load_trained(self, state: dict[str, torch.Tensor], card: dict, registry: Any) -> None:
         super().load_trained(state, card, registry)

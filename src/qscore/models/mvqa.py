@@ -209,16 +209,6 @@ class MVQA(Model):
         self.load_trained(state, card, registry)
         return card["weights_id"], "trained"
 
-    def load_trained(self, state: dict[str, Tensor], card: dict, registry: Any) -> None:
-        """A ``qscore train`` checkpoint, on top of the VideoMamba backbone when it started from
-        one (``card["backbone"] == "official"``)."""
-        if card.get("backbone") == "official":
-            self.load_backbone(registry)
-        unknown = sorted(set(state) - set(self.state_dict()))
-        if unknown:
-            raise ValueError(f"checkpoint has tensors this model does not: {unknown[:5]}")
-        self.load_state_dict(state, strict=False)
-
     def load_backbone(self, registry: Any) -> list[str]:
         """VideoMamba's Kinetics-400 checkpoint for this size from weights.toml into the backbone
         (the quality head stays as it is). Returns the checkpoint keys it ignored."""

@@ -305,18 +305,18 @@ class QCLIP(Model):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
 
-    def load_backbone(self, path: str) -> None:
+    def load_backbone(self, registry: Any) -> None:
         """Official PE weights into the frozen towers (open_clip's loader and key conversion);
         the context restarts from the loaded "x x x" embeddings."""
         import open_clip
 
-        open_clip.load_checkpoint(self.clip, str(path), strict=True)
+        open_clip.load_checkpoint(self.clip, str(registry.path(self._backbone_key())), strict=True)
         self.reset_context()
 
     def load_official(self, registry: Any) -> tuple[str, str]:
         """PE backbone (``pe-core-l14-336``); a trained head from the ``qclip-head`` slot when it
         holds a file, else zero-shot (adapters off, softmax over the levels)."""
-        self.load_backbone(registry.path(self._backbone_key()))
+        self.load_backbone(registry)
         try:
             head_path = registry.path(HEAD_KEY)
         except MissingWeights:
@@ -338,7 +338,7 @@ class QCLIP(Model):
         """A ``qscore train`` checkpoint: over the official backbone it holds the head only;
         trained from a random backbone (``--init random``) it holds every tensor."""
         if card.get("backbone") == "official":
-            self.load_backbone(registry.path(self._backbone_key()))
+            self.load_backbone(registry)
             self._load_head(state)
         else:
             self.load_state_dict(state, strict=True)

@@ -565,7 +565,7 @@ class RSFIQA(Model):
         self.describer.eval()
         return self
 
-    def load_frozen(self, registry: Any) -> None:
+    def load_backbone(self, registry: Any) -> None:
         """SAM and CLIP checkpoints from weights.toml (the parts ``qscore train`` never changes)."""
         import open_clip
 
@@ -592,7 +592,7 @@ class RSFIQA(Model):
             state, card = load_checkpoint(registry.path("rsfiqa-head"), expect_model=self.spec.name)
             self.load_trained(state, card, registry)
             return card["weights_id"], "trained"
-        self.load_frozen(registry)
+        self.load_backbone(registry)
         if self.config.backbone_weights:
             missing = self.backbone.body.load_state_dict(load_state(registry.path(self.config.backbone_weights)), strict=False)
             if missing.missing_keys:
@@ -600,13 +600,8 @@ class RSFIQA(Model):
         return f"{SAM_KEYS[self.config.sam]}+clip-vit-b16-openai", "random"
 
     def load_trained(self, state: dict[str, Tensor], card: dict, registry: Any) -> None:
-        if card.get("backbone") == "official":
-            self.load_frozen(registry)
-        unknown = sorted(set(state) - set(self.state_dict()))
-        if unknown:
-            raise ValueError(f"checkpoint has tensors this model does not: {unknown[:5]}")
-        self.load_state_dict(state, strict=False)
-        self.describer.reset()
+        super().load_trained(state, card, registry)
+        self.describer.reset()  # a random-init run's checkpoint carries its own CLIP
 
     def trainable_parameters(self) -> list[dict]:
         """Backbone (at ``backbone_lr_scale`` x lr) and RSA + head; SAM and the describer stay

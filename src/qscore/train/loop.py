@@ -93,7 +93,8 @@ def train(opts: TrainOptions) -> dict:
         config = cls.make_config(opts.preset, **opts.overrides)
         torch.manual_seed(opts.seed)
         model = cls(config)
-        model.load(None if opts.init == "official" else "random", reg)
+        if opts.init == "official":
+            model.load_backbone(reg)
     except MissingWeights as e:
         raise UsageError(f"{e} (or train from scratch with --init random)") from e
     except (ValueError, TypeError) as e:
