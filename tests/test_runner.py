@@ -193,8 +193,19 @@ def test_kill_minus_9_then_rerun_scores_every_file_once(tmp_path):
 def test_every_command_has_help_with_examples():
     for args in (["--help"], ["image", "--help"], ["video", "--help"], ["forgery", "--help"], ["models", "--help"],
                  ["weights", "--help"], ["weights", "list", "--help"], ["weights", "pull", "--help"],
-                 ["weights", "verify", "--help"], ["weights", "path", "--help"], ["train", "--help"],
+                 ["weights", "verify", "--help"], ["weights", "path", "--help"], ["train", "--help"], ["bench", "--help"],
                  ["eval", "--help"], ["synth", "--help"]):
         code, output = qscore(*args)
         assert code == 0, (args, output)
         assert "Usage" in output and ("Example" in output or args[0] == "weights" and len(args) == 2), args
+
+
+def test_bench_reports_bare_and_runner_throughput(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    make_images(tmp_path / "in", 4)
+    code, output = qscore("bench", "toy", tmp_path / "in", "--device", "cpu", "-j", "0", "-b", "2", "--repeats", "1",
+                          "--json", tmp_path / "bench.json")
+    assert code == 0, output
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["runner"]["ok"] == 4 and result["bare"]["files_per_s"] > 0
+    assert result["runner_vs_bare"] == round(result["runner"]["files_per_s"] / result["bare"]["files_per_s"], 3)

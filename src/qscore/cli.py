@@ -174,6 +174,47 @@ def models() -> None:
     console.print("\n".join(notes), highlight=False, soft_wrap=True)
 
 
+@app.command(no_args_is_help=True)
+def bench(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Inputs (default: synthetic, see --synthetic).", show_default=False)] = None,
+    synthetic: Annotated[str, typer.Option("--synthetic", help="image512, video720 or video1080 when no PATH is given.")] = "",
+    n: Annotated[int, typer.Option("--n", help="Number of synthetic files.")] = 32,
+    device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = "random",
+    preset: Preset = None, sets: Set = None, repeats: Annotated[int, typer.Option("--repeats", help="Timed bare-forward batches.")] = 10,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+) -> None:
+    """Measure a model: bare forward on pre-decoded inputs vs the runner end to end.
+
+    Reports files/s, peak GPU memory, GPU busy fraction, mean decode / stage (collate + copy) /
+    model ms per file, and the runner/bare ratio.
+
+    Examples:
+
+      qscore bench qclip --synthetic video720 --n 24 --batch-size 8
+
+      qscore bench rsfiqa ./photos --batch-size 16 --json rsfiqa.json
+    """
+    import json
+    import tempfile
+
+    from qscore.bench import bench as measure, synthesize, task_of
+
+    _logging(True, False)
+    overrides = dict(kv.split("=", 1) for kv in sets or [])
+    with tempfile.TemporaryDirectory() as tmp:
+        if not paths:
+            kind = synthetic or {"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")
+            paths = synthesize(kind, n, Path(tmp) / "inputs")
+        cfg = RunConfig(task=task_of(model), model=model, inputs=list(paths), preset=preset, overrides=overrides,
+                        weights=weights, device=device, batch_size=batch_size, workers=workers)
+        result = measure(cfg, list(paths), repeats)
+    text = json.dumps(result, indent=2)
+    typer.echo(text)
+    if json_out:
+        json_out.write_text(text + "\n")
+
+
 def _count(cls) -> tuple[str, str]:
     """Parameter counts of the default preset: on the meta device (no memory) where the model
     allows it, else built for real on the CPU."""
