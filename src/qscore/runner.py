@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +42,7 @@ from qscore.sinks import (
 log = logging.getLogger("qscore")
 
 EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
+MAX_QUEUED = 2  # batches waiting for the writer thread
 
 
 class UsageError(Exception):
@@ -58,7 +61,7 @@ class RunConfig:
     registry: str | None = None  # weights.toml to use instead of the default resolution
     device: str = "auto"
     batch_size: int = 8
-    workers: int = -1  # -1: one per CPU core, at most 8
+    workers: int = -1  # -1: one per CPU core, at most 16
     exts: tuple[str, ...] | None = None
     pairs: str | None = None  # CIML manifest
     force: bool = False
@@ -278,9 +281,11 @@ class _Engine:
         self.batch_size = max(1, cfg.batch_size)
         self.autocast = device.type == "cuda"
         self.progress: Progress | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qscore-writer")
+        self._queued: deque[Future] = deque()
 
     def drive(self, todo: list[Item]) -> None:
-        workers = self.cfg.workers if self.cfg.workers >= 0 else min(8, os.cpu_count() or 1)
+        workers = self.cfg.workers if self.cfg.workers >= 0 else min(16, os.cpu_count() or 1)
         loader = DataLoader(
             Prepared(todo, self.model.preparer()),
             batch_size=self.batch_size,
@@ -301,6 +306,7 @@ class _Engine:
                 pending = launched
         if pending is not None:
             self._finish(*pending)
+        self.flush()
 
     def _groups(self, samples: list[Sample]):
         for i in range(0, len(samples), self.batch_size):
@@ -361,8 +367,21 @@ class _Engine:
         self._write(rows, results)
 
     def _write(self, rows: list[dict], results: list[Output]) -> None:
+        """Queue a batch's rows and artefacts for the writer thread (PNG encoding and Parquet
+        parts then overlap the next batch); at most ``MAX_QUEUED`` batches wait, so a killed
+        run loses little."""
         if not rows:
             return
+        while len(self._queued) >= MAX_QUEUED:
+            self._queued.popleft().result()
+        self._queued.append(self._writer.submit(self._write_now, rows, results))
+
+    def flush(self) -> None:
+        while self._queued:
+            self._queued.popleft().result()
+        self._writer.shutdown()
+
+    def _write_now(self, rows: list[dict], results: list[Output]) -> None:
         for row, result in zip(rows, results):
             try:
                 paths = write_artefacts(self.cfg.out, row["rel_path"], result.artefacts)
