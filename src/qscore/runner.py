@@ -10,6 +10,7 @@ forward runs, and batch n's results are fetched and written after n+1 is launche
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -81,6 +82,32 @@ class Failure:
     item: Item
     error: str
     decode_ms: float = 0.0
+
+
+@dataclass
+class Chunk:
+    """What a DataLoader worker hands over: failures, samples, and the samples already collated
+    (None when collating failed; the main thread then collates smaller groups itself)."""
+
+    failures: list[Failure]
+    samples: list[Sample]
+    batch: dict[str, torch.Tensor] | None
+
+    @staticmethod
+    def make(collate: Callable[[list[Sample]], dict[str, torch.Tensor]], chunk: list) -> "Chunk":
+        samples = [s for s in chunk if isinstance(s, Sample)]
+        try:
+            batch = collate(samples) if samples else None
+        except Exception:  # noqa: BLE001 - retried per group in the main thread
+            batch = None
+        return Chunk([f for f in chunk if isinstance(f, Failure)], samples, batch)
+
+    def pin_memory(self) -> "Chunk":
+        """Called by the DataLoader's pinning thread (CUDA runs): page-locked, so the copy to
+        the GPU is asynchronous."""
+        if self.batch is not None:
+            self.batch = {k: v.pin_memory() for k, v in self.batch.items()}
+        return self
 
 
 class Prepared(Dataset):
@@ -290,17 +317,17 @@ class _Engine:
             Prepared(todo, self.model.preparer()),
             batch_size=self.batch_size,
             num_workers=workers,
-            collate_fn=list,
+            collate_fn=functools.partial(Chunk.make, self.model.collate),
+            pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,
             persistent_workers=False,
         )
         pending = None
         for chunk in loader:
-            failures = [s for s in chunk if isinstance(s, Failure)]
-            samples = [s for s in chunk if isinstance(s, Sample)]
-            self._write([self._error_row(f.item, f.error, {"decode_ms": f.decode_ms}) for f in failures], [])
-            for group in self._groups(samples):
-                launched = self._launch(group)
+            self._write([self._error_row(f.item, f.error, {"decode_ms": f.decode_ms}) for f in chunk.failures], [])
+            whole = chunk.batch is not None and len(chunk.samples) <= self.batch_size
+            for group in [chunk.samples] if whole else self._groups(chunk.samples):
+                launched = self._launch(group, chunk.batch if whole else None)
                 if pending is not None:
                     self._finish(*pending)
                 pending = launched
@@ -312,13 +339,17 @@ class _Engine:
         for i in range(0, len(samples), self.batch_size):
             yield samples[i : i + self.batch_size]
 
-    def _launch(self, samples: list[Sample]):
-        """Collate, copy and start the forward; returns what ``_finish`` needs."""
+    def _launch(self, samples: list[Sample], batch: dict[str, torch.Tensor] | None = None):
+        """Copy (collating here only when the worker could not) and start the forward; returns
+        what ``_finish`` needs."""
+        if not samples:
+            return [], None, None, None
         try:
             t0 = time.perf_counter()
-            batch = self.model.collate(samples)
+            if batch is None:
+                batch = self.model.collate(samples)
             if self.device.type == "cuda":
-                batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             self.totals["stage_ms"] += (time.perf_counter() - t0) * 1e3
             timer = _Timer(self.device)
             with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
@@ -355,26 +386,27 @@ class _Engine:
         batch_ms = timer.elapsed_ms()
         self.totals["model_ms"] += batch_ms
         self.totals["decode_ms"] += sum(s.facts.get("decode_ms", 0.0) for s in samples)
-        per_file_ms = batch_ms / len(samples)
-        rows, writes = [], []
+        self._submit(self._post, samples, outputs, batch_ms / len(samples))
+
+    def _post(self, samples: list[Sample], outputs: dict, per_file_ms: float) -> None:
+        """Writer thread: postprocess (maps to images), rows, artefacts, Parquet part."""
         try:
             results = self.model.postprocess(outputs, samples)
         except Exception as e:  # noqa: BLE001
-            self._write([self._error_row(s.item, f"postprocess: {describe(e)}", s.facts) for s in samples], [])
+            self._write_now([self._error_row(s.item, f"postprocess: {describe(e)}", s.facts) for s in samples], [])
             return
-        for sample, result in zip(samples, results):
-            rows.append(self._ok_row(sample, result, per_file_ms))
-        self._write(rows, results)
+        self._write_now([self._ok_row(s, r, per_file_ms) for s, r in zip(samples, results)], results)
 
     def _write(self, rows: list[dict], results: list[Output]) -> None:
-        """Queue a batch's rows and artefacts for the writer thread (PNG encoding and Parquet
-        parts then overlap the next batch); at most ``MAX_QUEUED`` batches wait, so a killed
-        run loses little."""
-        if not rows:
-            return
+        if rows:
+            self._submit(self._write_now, rows, results)
+
+    def _submit(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn`` on the writer thread, so postprocessing, PNG encoding and Parquet parts
+        overlap the next batch; at most ``MAX_QUEUED`` batches wait (a killed run loses little)."""
         while len(self._queued) >= MAX_QUEUED:
             self._queued.popleft().result()
-        self._queued.append(self._writer.submit(self._write_now, rows, results))
+        self._queued.append(self._writer.submit(fn, *args))
 
     def flush(self) -> None:
         while self._queued:
