@@ -184,7 +184,7 @@ class NoWeights:
 
 
 def test_no_official_head_means_missing_weights_not_a_fake_score():
-    with pytest.raises(MissingWeights, match="no official weights"):
+    with pytest.raises(MissingWeights, match="no trained weights registered as 'mvqa-head'"):
         make().load(None, NoWeights())
     assert make().load("random", NoWeights()) == ("random", "random")
     with pytest.raises(MissingWeights):

@@ -138,7 +138,7 @@ def test_train_one_epoch_and_eval_through_the_cli(tmp_path, data):
                               "--out", str(run), "--preset", "tiny", "--init", "random", "--epochs", "1",
                               "--batch-size", "4", "--device", "cpu", "--workers", "0", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "[tinyq-run]" in result.output and "sha256 = " in result.output
+    assert "[tinyq-head]" in result.output and "sha256 = " in result.output
     card = json.loads((run / "best.json").read_text())
     assert card["model"] == "tinyq" and card["preset"] == "tiny" and card["backbone"] == "random"
     assert card["epoch"] == 1 and card["metrics"]["srcc"] is not None and card["selected_by"] == "validation srcc + plcc"
@@ -209,9 +209,9 @@ def test_official_backbone_saves_trained_tensors_and_card_roundtrips_weights_tom
     toml = tmp_path / "weights.toml"
     toml.write_text(summary["snippet"])
     registry = Registry.load(toml)
-    path = registry.path("tinyq-run")
+    path = registry.path("tinyq-head")
     assert path == (run / "best.safetensors").resolve()
-    assert registry.entry("tinyq-run").used_by == ("tinyq",)
+    assert registry.entry("tinyq-head").used_by == ("tinyq",)
     state2, card2 = load_checkpoint(path, expect_model="tinyq")
     assert card2 == card and all(torch.equal(state[k], state2[k]) for k in state)
 

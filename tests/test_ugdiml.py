@@ -188,9 +188,11 @@ def test_outputs_feed_the_forgery_meter(model, images):
     assert 0 <= result["f1"] <= 1 and 0 <= result["iou"] <= result["f1"]
 
 
-def test_no_official_weights(model):
+def test_no_official_weights(model, tmp_path):
+    from qscore.weights import Registry
+
     with pytest.raises(MissingWeights, match="qscore train ugdiml"):
-        model.load(None, registry=None)
+        model.load(None, registry=Registry({}, tmp_path, ()))
 
 
 def test_bad_mode_is_rejected():

@@ -353,7 +353,7 @@ def test_every_packaged_entry_parses_and_names_licence_and_users():
     expected = {
         "pe-core-l14-336", "clip-vit-b16-openai", "sam-vit-b", "sam-vit-l", "sam-vit-h",
         "videomamba-t16-k400", "videomamba-m16-k400",
-        "qclip-head", "mvqa-head", "clifvqa-head", "rsfiqa-head", "ugdiml-default",
+        "qclip-head", "mvqa-head", "clifvqa-head", "rsfiqa-head", "ugdiml-head",
     }
     assert set(reg.keys()) == expected
     models = set(model_registry.names())

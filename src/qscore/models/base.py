@@ -160,12 +160,27 @@ class Model(nn.Module):
         self.load_trained(state, card, registry)
         return card["weights_id"], "trained"
 
+    @property
+    def head_key(self) -> str:
+        """The weights.toml slot of this model's trained head (``qscore train`` fills it)."""
+        return f"{self.spec.name}-head"
+
     def load_official(self, registry: Any) -> tuple[str, str]:
-        """Load the official weights named in weights.toml; raise MissingWeights if absent."""
-        raise MissingWeights(
-            f"{self.spec.name} has no official trained weights: train a head with "
-            f"`qscore train {self.spec.name}` and pass --weights FILE, or use --weights random"
-        )
+        """The checkpoint registered under ``head_key`` (none of the papers released weights, so
+        it is one trained with ``qscore train``); MissingWeights when the slot is empty."""
+        from qscore.weights import load_checkpoint
+
+        try:
+            path = registry.path(self.head_key)
+        except (KeyError, MissingWeights) as e:
+            raise MissingWeights(
+                f"{self.spec.name} has no trained weights registered as '{self.head_key}': train them with "
+                f"`qscore train {self.spec.name}`, then register the printed snippet or pass --weights FILE; "
+                f"--weights random only for smoke tests ({e})"
+            ) from e
+        state, card = load_checkpoint(path, expect_model=self.spec.name)
+        self.load_trained(state, card, registry)
+        return card["weights_id"], "trained"
 
     def load_backbone(self, registry: Any) -> None:
         """The pretrained parts (backbones) from weights.toml and no trained head: where

@@ -192,23 +192,6 @@ class MVQA(Model):
         return [{"params": ps, "lr_scale": scale, **({} if decay else {"weight_decay": 0.0})} for (scale, decay), ps in groups.items()]
 
     # ---- weights ----------------------------------------------------------------------------
-    def load_official(self, registry: Any) -> tuple[str, str]:
-        """The only source of a score is a head trained with ``qscore train mvqa`` and registered
-        as ``mvqa-head``: MVQA's authors released no weights."""
-        from qscore.weights import load_checkpoint
-
-        try:
-            path = registry.path("mvqa-head")
-        except (KeyError, MissingWeights) as e:
-            raise MissingWeights(
-                "mvqa has no official weights (the authors released none): train one with "
-                "`qscore train mvqa` (optionally from VideoMamba's Kinetics-400 backbone), register it "
-                f"as 'mvqa-head' or pass --weights FILE, or use --weights random ({e})"
-            ) from e
-        state, card = load_checkpoint(path, expect_model=self.spec.name)
-        self.load_trained(state, card, registry)
-        return card["weights_id"], "trained"
-
     def load_backbone(self, registry: Any) -> list[str]:
         """VideoMamba's Kinetics-400 checkpoint for this size from weights.toml into the backbone
         (the quality head stays as it is). Returns the checkpoint keys it ignored."""

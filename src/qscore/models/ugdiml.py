@@ -36,7 +36,7 @@ from qscore.artefacts import to_uint8
 from qscore.media import MediaError
 from qscore.media.image import load_image
 from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, normalize, squash_resize, to_tensor
-from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Output, Sample
+from qscore.models.base import Item, Model, ModelSpec, Output, Sample
 
 TRAIN_STEPS = 1000  # T
 BETA_START, BETA_END = 1e-4, 0.02
@@ -164,13 +164,6 @@ class UGDIML(Model):
             num_class_embeds=2,  # class_embed_type None: nn.Embedding(2) added to the timestep embedding
         )
         self.diffusion = MaskDiffusion(config.steps)
-
-    def load_official(self, registry) -> tuple[str, str]:
-        raise MissingWeights(
-            "ugdiml has no published weights. Train one model for both modes on forged/reference/mask "
-            "triples (e.g. made by `qscore synth forgery`): `qscore train ugdiml --labels train.csv --init random "
-            "--out run/`, then pass `--weights run/best.safetensors`; `--weights random` only for smoke tests"
-        )
 
     # ---- data ----------------------------------------------------------------------------
     def preparer(self, train: bool = False) -> "UGDIMLPrepare":

@@ -165,7 +165,7 @@ def train(opts: TrainOptions) -> dict:
         "epochs": opts.epochs,
         "best": str(best_path),
         "best_epoch": best_epoch,
-        "snippet": snippet(f"{cls.spec.name}-{out.resolve().name}", load_checkpoint(best_path)[1], best_path)
+        "snippet": snippet(f"{cls.spec.name}-head", load_checkpoint(best_path)[1], best_path)
         if best_epoch else None,
     }
 
