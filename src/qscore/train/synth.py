@@ -159,14 +159,16 @@ def distort(frames: np.ndarray, distortions: dict[str, int], rng: np.random.Gene
 
 
 def encode_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, crf: int) -> None:
-    """H.264 yuv420p at ``crf``; single-threaded so the bytes are reproducible."""
+    """H.264 yuv420p at ``crf``; single-threaded and without x264's macroblock-tree rate control
+    (mbtree), which gave different bytes for the same frames from run to run, so the bytes are
+    reproducible."""
     import av
 
     tmp = Path(f"{path}.part")
     with av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium"}
+        stream.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
         stream.codec_context.thread_count = 1
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
