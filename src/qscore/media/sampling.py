@@ -57,6 +57,19 @@ def framediff_indices(reader, n: int, probe: int = 64, size: tuple[int, int] = (
     return [probes[int(seg[int(torch.argmax(change[seg]))])] for seg in segments]
 
 
+FRAME_SAMPLERS = ("uniform", "framediff")
+
+
+def select_frames(reader, n: int, sampler: str = "uniform") -> list[int]:
+    """``n`` frame indices by the named sampler: ``uniform`` (evenly spaced) or ``framediff``
+    (the frame of largest change in each of ``n`` equal segments)."""
+    if sampler == "framediff":
+        return framediff_indices(reader, n)
+    if sampler == "uniform":
+        return uniform_indices(reader.n_frames, n)
+    raise ValueError(f"sampler must be one of {', '.join(FRAME_SAMPLERS)}, got {sampler!r}")
+
+
 # ---- tensors ------------------------------------------------------------------------------
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float (T, 3, H, W) in [0, 1]; a single (H, W, 3) image -> (3, H, W)."""

@@ -107,10 +107,7 @@ class CLiFVQAPrepare:
 
         t0 = time.perf_counter()
         with open_video(item.path, max_side=self.max_side or None) as reader:
-            if self.sampler == "framediff":
-                indices = sampling.framediff_indices(reader, self.frames)
-            else:
-                indices = sampling.uniform_indices(reader.n_frames, self.frames)
+            indices = sampling.select_frames(reader, self.frames, self.sampler)
             frames = reader.frames(indices)  # uint8 (T, H, W, 3)
             facts = reader.facts()
         facts = {**facts, "frames_used": [int(i) for i in indices], "decode_ms": (time.perf_counter() - t0) * 1e3}

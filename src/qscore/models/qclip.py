@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qscore.media.sampling import framediff_indices, normalize, uniform_indices
+from qscore.media.sampling import FRAME_SAMPLERS, normalize, select_frames
 from qscore.media.video import open_video
 from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Output, Sample
 
@@ -40,7 +40,6 @@ LEVELS = ("bad", "poor", "fair", "good", "excellent")
 PROMPT = "a video of {} quality"  # after one "X" per context vector, whose embeddings are replaced
 PE_MEAN = PE_STD = (0.5, 0.5, 0.5)
 ZERO_SHOT_SCALE = 100.0  # softmax temperature of the zero-shot fallback
-SAMPLERS = ("uniform", "framediff")
 PE_L14 = "PE-Core-L-14-336"
 OFFICIAL_BACKBONES = {PE_L14: "pe-core-l14-336"}  # open_clip arch -> weights.toml key
 HEAD_KEY = "qclip-head"  # slot for a trained head (no official one is published)
@@ -157,10 +156,7 @@ class QCLIPPrepare:
 
     def __call__(self, item: Item) -> Sample:
         with open_video(item.path) as reader:
-            if self.sampler == "framediff":
-                indices = framediff_indices(reader, self.frames)
-            else:
-                indices = uniform_indices(reader.n_frames, self.frames)
+            indices = select_frames(reader, self.frames, self.sampler)
             frames = reader.frames(indices, size=(self.size, self.size))  # (T, S, S, 3): squashed while decoding
             facts = reader.facts()
         facts["frames_used"] = [int(i) for i in indices]
@@ -187,8 +183,8 @@ class QCLIP(Model):
 
     def __init__(self, config: QCLIPConfig):
         super().__init__(config)
-        if config.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {config.sampler!r}")
+        if config.sampler not in FRAME_SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(FRAME_SAMPLERS)}, got {config.sampler!r}")
         self.clip, tokenizer = create_backbone(config.backbone)
         trunk, text = self.clip.visual.trunk, self.clip.text
         width = trunk.embed_dim
