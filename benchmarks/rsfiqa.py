@@ -216,7 +216,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     from PIL import Image
 
-    paths = load_images(args.images, args.n, args.out / "inputs")
+    inputs = Path(tempfile.mkdtemp(prefix="rsfiqa-bench-"))  # not under --out: only results go there
+    paths = load_images(args.images, args.n, inputs)
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     sam = build_sam("vit_b")
     if args.sam_checkpoint:
