@@ -319,7 +319,7 @@ class _Engine:
             num_workers=workers,
             collate_fn=functools.partial(Chunk.make, self.model.collate),
             pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if workers else None,
+            prefetch_factor=2 if workers else None,  # 2 batches per worker: bounded host memory
             persistent_workers=False,
         )
         pending = None
