@@ -145,6 +145,10 @@ def test_usage_errors_exit_2_with_one_line(tmp_path):
     assert code == 2 and "no such file or folder" in output
     code, output = qscore("image", tmp_path / "in", "-m", "toy", "--set", "nope=1", "-o", tmp_path / "o")
     assert code == 2 and "unknown option" in output
+    code, output = qscore("image", tmp_path / "in", "-m", "toy", "--set", "nope", "-o", tmp_path / "o")
+    assert code == 2 and "--set expects KEY=VALUE" in output
+    code, output = qscore("bench", "toy", tmp_path / "in", "--set", "nope")
+    assert code == 2 and "--set expects KEY=VALUE" in output
     code, output = qscore("image", tmp_path / "in", "-m", "toy", "--bogus-flag")
     assert code == 2
 

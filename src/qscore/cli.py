@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from qscore import __version__, registry
-from qscore.runner import EXIT_USAGE, RunConfig, run
+from qscore.runner import EXIT_USAGE, RunConfig, UsageError, parse_sets, run
 
 app = typer.Typer(
     help=(
@@ -52,14 +52,7 @@ Npz = Annotated[bool, typer.Option("--npz", help="Also save float maps (probabil
 
 def _run(task: str, paths: list[str] | None, model: str, **opts) -> None:
     _logging(opts["quiet"], opts["verbose"])
-    sets = opts.pop("sets") or []
-    overrides = {}
-    for kv in sets:
-        if "=" not in kv:
-            _usage(f"--set expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        overrides[k.strip().replace("-", "_")] = v.strip()
-    overrides.update(opts.pop("extra", {}))
+    overrides = {**_sets(opts.pop("sets")), **opts.pop("extra", {})}
     if not paths and not opts.get("pairs"):
         _usage("give at least one PATH" + (" (or --pairs CSV)" if task == "forgery" else ""))
     exts = tuple(opts.pop("ext") or ()) or None
@@ -201,7 +194,7 @@ def bench(
     from qscore.bench import bench as measure, synthesize, task_of
 
     _logging(True, False)
-    overrides = dict(kv.split("=", 1) for kv in sets or [])
+    overrides = _sets(sets)
     with tempfile.TemporaryDirectory() as tmp:
         if not paths:
             kind = synthetic or {"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")
@@ -333,6 +326,13 @@ def main(version: Annotated[bool, typer.Option("--version", help="Print the vers
     if version:
         typer.echo(f"qscore {__version__}")
         raise typer.Exit(0)
+
+
+def _sets(sets: list[str] | None) -> dict[str, str]:
+    try:
+        return parse_sets(sets)
+    except UsageError as e:
+        _usage(str(e))
 
 
 def _usage(message: str) -> None:

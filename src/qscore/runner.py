@@ -143,6 +143,17 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0] if msg else 'no message'}"
 
 
+def parse_sets(sets: list[str] | None) -> dict[str, str]:
+    """``--set KEY=VALUE`` options -> model config overrides (dashes in keys become underscores)."""
+    overrides = {}
+    for kv in sets or []:
+        if "=" not in kv:
+            raise UsageError(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        overrides[k.strip().replace("-", "_")] = v.strip()
+    return overrides
+
+
 def pick_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

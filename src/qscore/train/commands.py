@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qscore.runner import EXIT_USAGE, UsageError
+from qscore.runner import EXIT_USAGE, UsageError, parse_sets
 
 Model = Annotated[str, typer.Argument(help="Model name (see `qscore models`), e.g. mvqa, qclip, clifvqa, rsfiqa, ugdiml.", show_default=False)]
 Labels = Annotated[str, typer.Option("--labels", "-l", help="Label CSV: path,mos | FAST-VQA filename,duration,fps,MOS | forged,reference,mask.", show_default=False)]
@@ -212,13 +212,10 @@ def _guard(fn, *args):
 
 
 def _overrides(sets: list[str] | None) -> dict[str, str]:
-    overrides = {}
-    for kv in sets or []:
-        if "=" not in kv:
-            _usage(f"--set expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        overrides[k.strip().replace("-", "_")] = v.strip()
-    return overrides
+    try:
+        return parse_sets(sets)
+    except UsageError as e:
+        _usage(str(e))
 
 
 def _usage(message: str) -> None:
