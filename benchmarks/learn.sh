@@ -1,38 +1,47 @@
 #!/usr/bin/env bash
-# Learning checks on the GPU host: for each MODEL, held-out metrics with random weights (before),
+# Learning checks on the GPU host: for each run, held-out metrics with random weights (before),
 # `qscore train` from random init under a wall-clock budget, then held-out metrics of the best
 # checkpoint (after). The trainings run side by side on the one GPU.
 #
-#   bash benchmarks/learn.sh DATA_DIR OUT_DIR BUDGET_S MODEL[:EPOCHS[:BATCH[:extra train args]]]...
+#   bash benchmarks/learn.sh DATA_DIR OUT_DIR BUDGET_S [NAME=]MODEL[:EPOCHS[:BATCH[:TRAIN_ARGS]]]...
 #
-# DATA_DIR holds train.csv, val.csv, test.csv (from `qscore synth`, or BIQ2021's train/val as
-# train and test). Writes OUT_DIR/learning.json (before/after metrics per model, epochs done,
-# seconds) and OUT_DIR/learning.log (every command's output).
+# TRAIN_ARGS (space-separated) go to `qscore train`; its `--set KEY=VALUE` pairs also go to the
+# "before" evaluation (the "after" one takes the config from the checkpoint's card). NAME tells
+# two runs of one model apart (default: the model). DATA_DIR holds train.csv, val.csv and
+# test.csv (from `qscore synth`; BIQ2021 has train/val only: val.csv is then the test set).
+# Writes OUT_DIR/runs/NAME/ (run folder, NAME.log), OUT_DIR/learning.json (before/after metrics
+# per run, epochs done, seconds) and OUT_DIR/learning.log (every command's output).
 set -u
 DATA=$1 OUT=$2 BUDGET=$3
 shift 3
-RUNS=$(mktemp -d /tmp/qscore-runs.XXXX)  # fresh: a warm host keeps /tmp
-mkdir -p "$OUT" "$RUNS"
+RUNS=$OUT/runs
+mkdir -p "$RUNS"
 TEST=$DATA/test.csv
 [ -f "$TEST" ] || TEST=$DATA/val.csv
 
-check() {  # model epochs batch extra...
-  local model=$1 epochs=$2 batch=$3
-  shift 3
-  local run=$RUNS/$model t0
+check() {  # name model epochs batch train-args...
+  local name=$1 model=$2 epochs=$3 batch=$4
+  shift 4
+  local run=$RUNS/$name t0 sets=() args=("$@")
+  for ((i = 0; i < ${#args[@]}; i++)); do
+    [ "${args[i]}" = --set ] && sets+=(--set "${args[i + 1]}")
+  done
   t0=$(date +%s)
-  python3 -m qscore eval "$model" --preset tiny --weights random --labels "$TEST" --out "$run/before" -q -j 4 "$@"
+  python3 -m qscore eval "$model" --preset tiny --weights random --labels "$TEST" --out "$run/before" -q -j 4 "${sets[@]}"
   timeout "$BUDGET" python3 -m qscore train "$model" --preset tiny --init random --labels "$DATA/train.csv" \
     --val "$DATA/val.csv" --out "$run" --epochs "$epochs" --batch-size "$batch" -j 4 "$@"
-  echo "train exit $? after $(( $(date +%s) - t0 )) s" 
-  python3 -m qscore eval "$model" --weights "$run/best.safetensors" --labels "$TEST" --out "$run/after" -q -j 4 "$@"
+  echo "train exit $? after $(( $(date +%s) - t0 )) s"
+  python3 -m qscore eval "$model" --weights "$run/best.safetensors" --labels "$TEST" --out "$run/after" -q -j 4
   echo $(( $(date +%s) - t0 )) > "$run/seconds"
 }
 
 for spec in "$@"; do
+  head=${spec%%:*} name=${spec%%:*}
+  [[ $head == *=* ]] && { name=${head%%=*}; spec=${spec#*=}; }
   IFS=: read -r model epochs batch extra <<<"$spec"
+  mkdir -p "$RUNS/$name"
   # shellcheck disable=SC2086
-  check "$model" "${epochs:-10}" "${batch:-16}" $extra > "$RUNS/$model.log" 2>&1 &
+  check "$name" "$model" "${epochs:-10}" "${batch:-16}" $extra > "$RUNS/$name.log" 2>&1 &
 done
 wait
 cat "$RUNS"/*.log > "$OUT/learning.log"

@@ -208,8 +208,9 @@ def test_bench_reports_bare_and_runner_throughput(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     make_images(tmp_path / "in", 4)
     code, output = qscore("bench", "toy", tmp_path / "in", "--device", "cpu", "-j", "0", "-b", "2", "--repeats", "1",
-                          "--json", tmp_path / "bench.json")
+                          "--warmup", "1", "--json", tmp_path / "bench.json")
     assert code == 0, output
     result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["files"] == 4 and result["warmup_files"] == 1  # a folder counts its files
     assert result["runner"]["ok"] == 4 and result["bare"]["files_per_s"] > 0
     assert result["runner_vs_bare"] == round(result["runner"]["files_per_s"] / result["bare"]["files_per_s"], 3)

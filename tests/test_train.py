@@ -20,7 +20,7 @@ from qscore.media.sampling import squash_resize, to_tensor
 from qscore.models.base import Item, Model, ModelSpec, Sample
 from qscore.runner import UsageError
 from qscore.train.labels import LabelError, read_labels
-from qscore.train.loop import TrainOptions, WarmupCosine, evaluate, train
+from qscore.train.loop import TrainOptions, WarmupCosine, _param_groups, evaluate, train
 from qscore.weights import Registry, load_checkpoint
 
 PRISTINE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pristine"
@@ -220,6 +220,18 @@ def test_official_backbone_saves_trained_tensors_and_card_roundtrips_weights_tom
     assert (weights_id, head) == (card["weights_id"], "trained")
     metrics, _ = evaluate(model, read_labels(data / "val.csv", "image"), torch.device("cpu"), 2, 0)
     assert metrics["srcc"] == pytest.approx(card["metrics"]["srcc"], abs=1e-6)
+
+
+def test_backbone_lr_scale_applies_only_over_a_pretrained_backbone(tmp_path, data):
+    class Slowed(TinyQuality):
+        def trainable_parameters(self):
+            return [{"params": list(self.head.parameters())}, {"params": list(self.conv.parameters()), "lr_scale": 0.1}]
+
+    model = Slowed(Slowed.make_config("tiny"))
+    official = _param_groups(model, options(data, tmp_path, init="official", lr=1e-3))
+    scratch = _param_groups(model, options(data, tmp_path, init="random", lr=1e-3))
+    assert [g["lr"] for g in official] == pytest.approx([1e-3, 1e-4])
+    assert [g["lr"] for g in scratch] == pytest.approx([1e-3, 1e-3])
 
 
 @pytest.mark.skipif(not (PRISTINE / "bsds500").is_dir(), reason="needs ../shared/data/pristine")

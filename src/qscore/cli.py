@@ -175,6 +175,7 @@ def bench(
     n: Annotated[int, typer.Option("--n", help="Number of synthetic files.")] = 32,
     device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = "random",
     preset: Preset = None, sets: Set = None, repeats: Annotated[int, typer.Option("--repeats", help="Timed bare-forward batches.")] = 10,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", help="Files in the runner's untimed first pass (default: all, which fills caches such as RSFIQA's regions).", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
 ) -> None:
     """Measure a model: bare forward on pre-decoded inputs vs the runner end to end.
@@ -187,6 +188,8 @@ def bench(
       qscore bench qclip --synthetic video720 --n 24 --batch-size 8
 
       qscore bench rsfiqa ./photos --batch-size 16 --json rsfiqa.json
+
+      qscore bench ugdiml --synthetic image512 --n 480 --warmup 32
     """
     import json
     import tempfile
@@ -201,7 +204,7 @@ def bench(
             paths = synthesize(kind, n, Path(tmp) / "inputs")
         cfg = RunConfig(task=task_of(model), model=model, inputs=list(paths), preset=preset, overrides=overrides,
                         weights=weights, device=device, batch_size=batch_size, workers=workers)
-        result = measure(cfg, list(paths), repeats)
+        result = measure(cfg, list(paths), repeats, warmup)
     text = json.dumps(result, indent=2)
     typer.echo(text)
     if json_out:

@@ -367,12 +367,15 @@ def _trainable_groups(model: Model) -> list[dict]:
 
 
 def _param_groups(model: Model, opts: TrainOptions) -> list[dict]:
-    """AdamW groups with lr (times a group's ``lr_scale``) and weight decay filled in."""
+    """AdamW groups with lr and weight decay filled in. A group's ``lr_scale`` slows a pretrained
+    backbone so fine-tuning keeps its features; from ``--init random`` there is nothing to keep,
+    so every group then trains at the run's lr."""
     lr = _hyper(model, "lr", opts.lr, DEFAULT_LR)
     wd = _hyper(model, "weight_decay", opts.weight_decay, DEFAULT_WD)
     groups = _trainable_groups(model)
     for g in groups:
-        g["lr"] = lr * g.pop("lr_scale", 1.0)
+        scale = g.pop("lr_scale", 1.0)
+        g["lr"] = lr * (scale if opts.init == "official" else 1.0)
         g.setdefault("weight_decay", wd)
     if not any(g["params"] for g in groups):
         raise UsageError(f"{model.spec.name} has no trainable parameters in this configuration")
