@@ -18,6 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qscore.cli import app
+from qscore.runner import chunk_size
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = "toy=tests.toymodel:Toy"
@@ -111,6 +112,12 @@ def test_same_scores_for_batch_sizes_and_runs(tmp_path):
         scores.append(table(out).set_index("rel_path").score.sort_index())
     pd.testing.assert_series_equal(scores[0], scores[1], rtol=1e-6)
     pd.testing.assert_series_equal(scores[1], scores[2], rtol=0, atol=0)
+
+
+def test_small_runs_spread_files_over_every_worker():
+    assert chunk_size(64, 16, 16) == 4  # not 4 batches of 16 on 4 of the 16 workers
+    assert chunk_size(1000, 16, 16) == 16  # large runs: whole batches
+    assert chunk_size(3, 8, 0) == 3 and chunk_size(0, 8, 4) == 1
 
 
 def test_oom_halves_batch_and_keeps_every_file(tmp_path):

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -310,6 +311,13 @@ def _score(
     return stats
 
 
+def chunk_size(n_files: int, batch_size: int, workers: int) -> int:
+    """Files per DataLoader task. A worker prepares its whole chunk before handing it over, so a
+    run with fewer files than workers x batch gets smaller chunks (and GPU batches) to keep every
+    worker decoding: 64 videos, batch 16, 16 workers -> 4 per worker, not 16 on 4 workers."""
+    return max(1, min(batch_size, math.ceil(n_files / max(workers, 1))))
+
+
 class _Engine:
     """The loop over batches: lookahead, OOM back-off, per-file isolation of model errors."""
 
@@ -326,7 +334,7 @@ class _Engine:
         workers = self.cfg.workers if self.cfg.workers >= 0 else min(16, os.cpu_count() or 1)
         loader = DataLoader(
             Prepared(todo, self.model.preparer()),
-            batch_size=self.batch_size,
+            batch_size=chunk_size(len(todo), self.batch_size, workers),
             num_workers=workers,
             collate_fn=functools.partial(Chunk.make, self.model.collate),
             pin_memory=self.device.type == "cuda",
@@ -365,6 +373,9 @@ class _Engine:
             timer = _Timer(self.device)
             with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 outputs = self.model(batch)
+                # Queued right behind this batch (into pinned memory), so `_finish` waits for this
+                # batch only, not for the next one launched after it: the GPU never idles there.
+                outputs = {k: v.float().to("cpu", non_blocking=True) if torch.is_tensor(v) else v for k, v in outputs.items()}
             timer.stop()
             return samples, outputs, timer, None
         except torch.cuda.OutOfMemoryError:
@@ -393,8 +404,7 @@ class _Engine:
         if error is not None:
             self._write([self._error_row(s.item, error, s.facts) for s in samples], [])
             return
-        outputs = {k: v.float().cpu() if torch.is_tensor(v) else v for k, v in outputs.items()}
-        batch_ms = timer.elapsed_ms()
+        batch_ms = timer.elapsed_ms()  # waits for the forward and its copy to the host
         self.totals["model_ms"] += batch_ms
         self.totals["decode_ms"] += sum(s.facts.get("decode_ms", 0.0) for s in samples)
         self._submit(self._post, samples, outputs, batch_ms / len(samples))
