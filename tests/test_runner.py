@@ -220,4 +220,5 @@ def test_bench_reports_bare_and_runner_throughput(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["files"] == 4 and result["warmup_files"] == 1  # a folder counts its files
     assert result["runner"]["ok"] == 4 and result["bare"]["files_per_s"] > 0
+    assert 0 <= result["runner"]["startup_s"] and 0 <= result["runner"]["drain_s"]
     assert result["runner_vs_bare"] == round(result["runner"]["files_per_s"] / result["bare"]["files_per_s"], 3)

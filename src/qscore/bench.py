@@ -123,7 +123,7 @@ def bench(cfg: RunConfig, files: list[str], repeats: int = 10, warmup: int | Non
             run(dataclasses.replace(cfg, max_files=warmup))  # worker start, cuDNN autotune, caches
         run(cfg)
         summary = json.loads(next(Path(tmp).glob("*.summary.json")).read_text())
-    result["runner"] = {k: summary.get(k) for k in ("files_per_s", "peak_gpu_mb", "ok", "error", "gpu_busy", "decode_ms_mean", "model_ms_mean", "stage_ms_mean", "batch_size")}
+    result["runner"] = {k: summary.get(k) for k in ("files_per_s", "peak_gpu_mb", "ok", "error", "gpu_busy", "decode_ms_mean", "model_ms_mean", "stage_ms_mean", "batch_size", "startup_s", "drain_s")}
     bare, end = result["bare"]["files_per_s"], result["runner"]["files_per_s"] or 0.0
     result["runner_vs_bare"] = round(end / bare, 3) if bare else None
     return result

@@ -298,10 +298,15 @@ def _score(
         engine.progress = progress
         if todo:
             engine.drive(todo)
-    elapsed = time.perf_counter() - t0
+    end = time.perf_counter()
+    elapsed = end - t0
     scored = stats["ok"] + stats["error"]
     stats.update(
         scored=scored,
+        # the run's fixed costs: until the first forward is launched (worker start, first
+        # decodes) and after the last one is back (its postprocessing and writes, shutdown)
+        startup_s=round(engine.first_launch - t0, 3) if engine.first_launch else None,
+        drain_s=round(end - engine.last_done, 3) if engine.last_done else None,
         files_per_s=round(scored / elapsed, 3) if elapsed > 0 else None,
         batch_size=engine.batch_size,
         gpu_busy=round(totals["model_ms"] / (elapsed * 1e3), 3) if elapsed > 0 and device.type == "cuda" else None,
@@ -328,6 +333,8 @@ class _Engine:
         self.autocast = device.type == "cuda"
         self.progress: Progress | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qscore-writer")
+        self.first_launch: float | None = None  # perf_counter at the first forward's launch
+        self.last_done: float | None = None  # perf_counter when the latest forward was back
         self._queued: deque[Future] = deque()
 
     def drive(self, todo: list[Item]) -> None:
@@ -371,6 +378,7 @@ class _Engine:
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             self.totals["stage_ms"] += (time.perf_counter() - t0) * 1e3
             timer = _Timer(self.device)
+            self.first_launch = self.first_launch or time.perf_counter()
             with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 outputs = self.model(batch)
                 # Queued right behind this batch (into pinned memory), so `_finish` waits for this
@@ -405,6 +413,7 @@ class _Engine:
             self._write([self._error_row(s.item, error, s.facts) for s in samples], [])
             return
         batch_ms = timer.elapsed_ms()  # waits for the forward and its copy to the host
+        self.last_done = time.perf_counter()
         self.totals["model_ms"] += batch_ms
         self.totals["decode_ms"] += sum(s.facts.get("decode_ms", 0.0) for s in samples)
         self._submit(self._post, samples, outputs, batch_ms / len(samples))
