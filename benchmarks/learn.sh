@@ -36,7 +36,7 @@ check() {  # name model epochs batch train-args...
 }
 
 for spec in "$@"; do
-  head=${spec%%:*} name=${spec%%:*}
+  head=${spec%%:*} name=$head
   [[ $head == *=* ]] && { name=${head%%=*}; spec=${spec#*=}; }
   IFS=: read -r model epochs batch extra <<<"$spec"
   mkdir -p "$RUNS/$name"

@@ -21,6 +21,7 @@ import torch
 
 from qscore import registry
 from qscore.discover import discover
+from qscore.models.base import Item
 from qscore.runner import RunConfig, build_model, pick_device, run
 
 
@@ -28,11 +29,10 @@ def synthesize(kind: str, n: int, folder: Path, seed: int = 0) -> list[str]:
     """Benchmark inputs: ``image512`` JPEGs (smooth random textures) or ``video720``/``video1080``
     10 s H.264 clips at 25 fps with moving content, made with PyAV."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
     if kind == "image512":
         from PIL import Image
 
+        rng, paths = np.random.default_rng(seed), []
         for i in range(n):
             base = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
             img = Image.fromarray(base).resize((512, 512), Image.BICUBIC)
@@ -68,11 +68,10 @@ def _write_clip(index: int, path: str, kind: str, seed: int) -> None:
             container.mux(packet)
 
 
-def bare_forward(cfg: RunConfig, files: list[str], repeats: int = 10) -> dict[str, Any]:
+def bare_forward(cfg: RunConfig, items: list[Item], repeats: int = 10) -> dict[str, Any]:
     """Forward-only throughput on one pre-decoded, pre-copied batch (the upper bound)."""
     device = pick_device(cfg.device)
     model, _, _ = build_model(cfg, device)
-    items = discover(files, cfg.task, cfg.exts)
     prepare = model.preparer()
     samples = [prepare(it) for it in items[: cfg.batch_size]]
     while len(samples) < cfg.batch_size:  # fewer files than the batch: repeat them
@@ -106,17 +105,18 @@ def bare_forward(cfg: RunConfig, files: list[str], repeats: int = 10) -> dict[st
 def bench(cfg: RunConfig, files: list[str], repeats: int = 10, warmup: int | None = None) -> dict[str, Any]:
     """Bare forward, then the runner over ``files`` (forced, fresh output), timed on its second
     pass; the first, untimed pass covers ``warmup`` files (None: all of them, filling caches)."""
+    items = discover(files, cfg.task, cfg.exts)
     result: dict[str, Any] = {
         "model": cfg.model,
         "preset": cfg.preset,
         "batch_size": cfg.batch_size,
         "workers": cfg.workers,
-        "files": len(discover(files, cfg.task, cfg.exts)),
+        "files": len(items),
         "warmup_files": warmup,  # None: all
         "device": torch.cuda.get_device_name() if pick_device(cfg.device).type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
-    result["bare"] = bare_forward(cfg, files, repeats)
+    result["bare"] = bare_forward(cfg, items, repeats)
     with tempfile.TemporaryDirectory() as tmp:
         cfg.out, cfg.force, cfg.quiet = Path(tmp), True, True
         if warmup != 0:
