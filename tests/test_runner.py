@@ -114,6 +114,31 @@ def test_same_scores_for_batch_sizes_and_runs(tmp_path):
     pd.testing.assert_series_equal(scores[1], scores[2], rtol=0, atol=0)
 
 
+def test_parallel_writers_give_the_same_sorted_table_every_run(tmp_path, monkeypatch):
+    monkeypatch.setattr("qscore.runner.WRITERS", 4)
+    monkeypatch.setattr("qscore.runner.MAX_QUEUED", 5)
+    make_images(tmp_path / "in", 12)
+    tables = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        assert qscore("image", tmp_path / "in", "-m", "toy", "-o", out, "-j", "0", "-b", 1)[0] == 0
+        tables.append(table(out).drop(columns=["path", "decode_ms", "model_ms", "scored_at"], errors="ignore"))
+        assert len(list((out / "heatmaps").rglob("*.png"))) == 12
+    assert list(tables[0].rel_path) == sorted(tables[0].rel_path)
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+def test_heatmap_colours_and_blend():
+    from qscore.artefacts import _RAMP, colourise, overlay
+
+    ramp = colourise(np.linspace(0, 1, len(_RAMP)))  # the anchors land on table entries 0, 64, ...
+    assert np.abs(ramp.astype(int) - _RAMP.astype(int)).max() <= 2
+    assert (colourise(np.array([-1.0, 2.0, np.nan])) == _RAMP[[0, -1, 0]].astype(np.uint8)).all()
+    grey = np.full((4, 6, 3), 100, np.uint8)
+    blend = overlay(grey, np.ones((2, 3)), alpha=0.5)  # a flat map normalises to 0: the first colour
+    assert blend.shape == (4, 6, 3) and (np.abs(blend.astype(int) - (100 + _RAMP[0]) / 2) <= 0.5).all()
+
+
 def test_small_runs_spread_files_over_every_worker():
     assert chunk_size(64, 16, 16) == 4  # not 4 batches of 16 on 4 of the 16 workers
     assert chunk_size(1000, 16, 16) == 16  # large runs: whole batches

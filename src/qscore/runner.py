@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,7 +45,10 @@ from qscore.sinks import (
 log = logging.getLogger("qscore")
 
 EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
-MAX_QUEUED = 2  # batches waiting for the writer thread
+# Postprocessing and artefact PNGs of a batch can cost more CPU than its forward (a 512x512
+# heatmap overlay ~50 ms per image): several writer threads work on batches side by side.
+WRITERS = min(4, os.cpu_count() or 1)
+MAX_QUEUED = WRITERS + 1  # batches waiting for or in the writer threads
 
 
 class UsageError(Exception):
@@ -332,7 +336,8 @@ class _Engine:
         self.batch_size = max(1, cfg.batch_size)
         self.autocast = device.type == "cuda"
         self.progress: Progress | None = None
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qscore-writer")
+        self._writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="qscore-writer")
+        self._counting = threading.Lock()  # stats and progress, updated by the writer threads
         self.first_launch: float | None = None  # perf_counter at the first forward's launch
         self.last_done: float | None = None  # perf_counter when the latest forward was back
         self._queued: deque[Future] = deque()
@@ -419,7 +424,8 @@ class _Engine:
         self._submit(self._post, samples, outputs, batch_ms / len(samples))
 
     def _post(self, samples: list[Sample], outputs: dict, per_file_ms: float) -> None:
-        """Writer thread: postprocess (maps to images), rows, artefacts, Parquet part."""
+        """Writer thread: postprocess (maps to images), rows, artefacts, Parquet part. Threads
+        run side by side: ``postprocess`` must not keep state between batches."""
         try:
             results = self.model.postprocess(outputs, samples)
         except Exception as e:  # noqa: BLE001
@@ -432,7 +438,7 @@ class _Engine:
             self._submit(self._write_now, rows, results)
 
     def _submit(self, fn: Callable, *args: Any) -> None:
-        """Run ``fn`` on the writer thread, so postprocessing, PNG encoding and Parquet parts
+        """Run ``fn`` on a writer thread, so postprocessing, PNG encoding and Parquet parts
         overlap the next batch; at most ``MAX_QUEUED`` batches wait (a killed run loses little)."""
         while len(self._queued) >= MAX_QUEUED:
             self._queued.popleft().result()
@@ -454,12 +460,13 @@ class _Engine:
             except OSError as e:
                 row.update(status="error", error=f"cannot write artefact: {e.strerror or e}")
         self.sink.append(rows)
-        for row in rows:
-            self.stats[row["status"]] += 1
-            if row["status"] == "error" and not self.cfg.quiet:
-                (log.warning if self.cfg.verbose else log.info)("error: %s: %s", row["path"], row["error"])
-        if self.progress is not None:
-            self.progress.advance(len(rows), sum(r["status"] == "error" for r in rows))
+        with self._counting:
+            for row in rows:
+                self.stats[row["status"]] += 1
+                if row["status"] == "error" and not self.cfg.quiet:
+                    (log.warning if self.cfg.verbose else log.info)("error: %s: %s", row["path"], row["error"])
+            if self.progress is not None:
+                self.progress.advance(len(rows), sum(r["status"] == "error" for r in rows))
 
     def _common(self, item: Item, facts: dict) -> dict:
         row = dict(self.base)
