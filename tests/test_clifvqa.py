@@ -55,7 +55,9 @@ def test_window_grid_spans_the_frame(tmp_path, size):
     boxes, (h, w) = sample.keep["boxes"], sample.keep["size"]
     assert (h, w) == size and boxes.shape == (9, 4)
     assert sample.inputs["windows"].shape == (4, 9, 3, 32, 32)
-    assert sample.facts["frames_used"] == [0, 2, 3, 5] and sample.facts["width"] == size[1]
+    used = sample.facts["frames_used"]  # uniform [0, 2, 3, 5], each may move 1 to a reference frame
+    assert len(set(used)) == 4 and all(abs(u - r) <= 1 for u, r in zip(used, [0, 2, 3, 5]))
+    assert sample.facts["width"] == size[1]
     assert tuple(boxes[0, :2]) == (0, 0) and tuple(boxes[-1, 2:]) == (h, w)
     covered = np.zeros(size, bool)
     for y0, x0, y1, x1 in boxes:

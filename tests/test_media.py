@@ -239,6 +239,23 @@ def test_decord_and_pyav_agree_on_count_and_frames(tmp_path):
     assert bar.tolist() == [58, 0, 28, 28, 14]
 
 
+def test_frames_near_skips_non_reference_frames(tmp_path):
+    path = make_video(tmp_path / "v.mp4", n=60, gop=60)  # x264 defaults: B-frames, some unreferenced
+    idx = [0, 8, 17, 25, 34, 42, 51, 59]
+    with open_video(str(path)) as reader:
+        near, used = reader.frames_near(idx, near=1)
+        touched_near = reader._touched
+    assert all(abs(u - i) <= 1 for u, i in zip(used, idx)) and len(set(used)) == len(idx)
+    with open_video(str(path)) as reader:
+        reader.decoder = "pyav"
+        assert np.array_equal(near, reader.frames(used))  # the same pixels as an exact decode
+        reader._touched = 0
+        reader.frames(idx)
+        assert touched_near < reader._touched  # fewer frames went through the decoder
+        exact, same = reader.frames_near(idx, near=0)
+        assert same == idx and np.array_equal(exact, reader.frames(idx))
+
+
 def test_mpeg4_reduced_size_and_max_side(tmp_path):
     path = make_video(tmp_path / "m.mp4", n=12, size=(48, 64), codec="mpeg4")
     with open_video(str(path), max_side=32) as reader:

@@ -55,6 +55,7 @@ class CLiFVQAConfig:
     variant: str = "mixed"  # "mixed" (paper) | "decoupled" (CLiF-VQA+)
     frames: int = 8
     sampler: str = "uniform"  # "uniform" | "framediff"
+    frame_slack: int = 1  # a frame may move this far to a reference frame (B-frames not decoded); 0: exact
     clip_arch: str = "ViT-B-16"
     clip_tiny: bool = False  # a tiny random CLIP (tests, tiny preset)
     window_grid: tuple = (3, 3)  # rows x columns of CLIP-size windows at native resolution
@@ -91,6 +92,7 @@ class CLiFVQAPrepare:
 
     frames: int
     sampler: str
+    slack: int
     window: int
     grid: tuple
     whole: bool
@@ -108,9 +110,9 @@ class CLiFVQAPrepare:
         t0 = time.perf_counter()
         with open_video(item.path, max_side=self.max_side or None) as reader:
             indices = sampling.select_frames(reader, self.frames, self.sampler)
-            frames = reader.frames(indices)  # uint8 (T, H, W, 3)
+            frames, used = reader.frames_near(indices, near=self.slack)  # uint8 (T, H, W, 3)
             facts = reader.facts()
-        facts = {**facts, "frames_used": [int(i) for i in indices], "decode_ms": (time.perf_counter() - t0) * 1e3}
+        facts = {**facts, "frames_used": used, "decode_ms": (time.perf_counter() - t0) * 1e3}
         x = sampling.to_tensor(frames)  # (T, 3, H, W) in [0, 1]
         windows, boxes = sampling.sliding_windows(x, self.window, tuple(self.grid))  # (T, G, 3, S, S)
         seed = int(torch.randint(2**62, ())) if self.train else item.seed(self.seed)
@@ -264,6 +266,7 @@ class CLiFVQA(Model):
         return CLiFVQAPrepare(
             frames=c.frames,
             sampler=c.sampler,
+            slack=c.frame_slack,
             window=self.window,
             grid=tuple(c.window_grid),
             whole=c.variant == "decoupled",

@@ -109,6 +109,7 @@ class QCLIPConfig:
     backbone: str = PE_L14  # open_clip model name (PE-Core family) or a LOCAL_ARCHS key
     frames: int = 8  # frames per video
     sampler: str = "uniform"  # uniform (released code) | framediff (largest change per segment)
+    frame_slack: int = 1  # a frame may move this far to a reference frame (B-frames not decoded); 0: exact
     adapted_blocks: int = 6  # SCMA after each of the last N blocks of both towers
     bottleneck: int = 128  # SCMA / projection adapter hidden width
     context: int = 3  # learnable context vectors in front of every prompt
@@ -153,13 +154,15 @@ class QCLIPPrepare:
     frames: int
     size: int
     sampler: str
+    slack: int
 
     def __call__(self, item: Item) -> Sample:
         with open_video(item.path) as reader:
             indices = select_frames(reader, self.frames, self.sampler)
-            frames = reader.frames(indices, size=(self.size, self.size))  # (T, S, S, 3): squashed while decoding
+            # (T, S, S, 3), squashed while decoding; `used` may differ from `indices` by <= slack
+            frames, used = reader.frames_near(indices, size=(self.size, self.size), near=self.slack)
             facts = reader.facts()
-        facts["frames_used"] = [int(i) for i in indices]
+        facts["frames_used"] = used
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
         return Sample(item, {"frames": x}, facts)
 
@@ -266,7 +269,7 @@ class QCLIP(Model):
 
     # ---- the four steps ----------------------------------------------------------------------------
     def preparer(self, train: bool = False) -> QCLIPPrepare:
-        return QCLIPPrepare(self.config.frames, self.size, self.config.sampler)  # no augmentation (released code)
+        return QCLIPPrepare(self.config.frames, self.size, self.config.sampler, self.config.frame_slack)  # no augmentation (released code)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """frames: uint8 (B, T, 3, S, S) -> score (B,), sims (B, 5) cosine per quality level."""
