@@ -287,7 +287,8 @@ def test_non_utf8_video_name(tmp_path):
         assert reader.decoder == "decord" and reader.frames([5]).shape == (1, 48, 64, 3)
 
 
-def test_framediff_finds_the_cuts(tmp_path):
+@pytest.mark.parametrize("slack", [0, 1])
+def test_framediff_finds_the_cuts(tmp_path, slack):
     cuts = (7, 15, 23, 33)
     levels = np.cumsum([i in cuts for i in range(40)])  # brightness steps at the cuts
 
@@ -296,7 +297,9 @@ def test_framediff_finds_the_cuts(tmp_path):
 
     path = make_video(tmp_path / "cuts.mp4", n=40, frame=frame)
     with open_video(str(path)) as reader:
-        assert framediff_indices(reader, 4) == list(cuts)
+        picks = framediff_indices(reader, 4, slack=slack)
+    # with slack a probe may land one frame off; the pick is then the first frame after the cut
+    assert all(0 <= p - c <= slack for p, c in zip(picks, cuts)), picks
 
 
 @pytest.mark.skipif(not (CLIPS / "bigbuckbunny.mp4").exists(), reason="shared clips not present")

@@ -60,6 +60,9 @@ class FakeReader:
         h, w = size
         return np.stack([np.full((h, w, 3), self.levels[i], np.uint8) for i in indices])
 
+    def frames_near(self, indices, size=None, near=0):  # every frame is a reference frame here
+        return self.frames(indices, size), list(indices)
+
 
 def test_framediff_takes_the_largest_change_per_segment():
     levels = [10] * 100

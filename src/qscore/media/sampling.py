@@ -42,7 +42,7 @@ def clip_indices(n_frames: int, n: int, interval: int) -> list[int]:
     return [start + k * interval for k in range(n)]
 
 
-def framediff_indices(reader, n: int, probe: int = 64, size: tuple[int, int] = (36, 64)) -> list[int]:
+def framediff_indices(reader, n: int, probe: int = 64, size: tuple[int, int] = (36, 64), slack: int = 0) -> list[int]:
     """Frame-difference sampling (Q-CLIP): the video is cut into n equal segments and each gives
     its frame of largest change. Change = mean absolute difference of small greyscale frames
     between consecutive probes; at most ``max(probe, n)`` frames are decoded, at ``size``."""
@@ -50,7 +50,8 @@ def framediff_indices(reader, n: int, probe: int = 64, size: tuple[int, int] = (
     if n_frames <= n:
         return uniform_indices(n_frames, n)
     probes = uniform_indices(n_frames, min(n_frames, max(probe, n)))  # distinct positions
-    grey = to_tensor(reader.frames(probes, size=size)) * torch.tensor(LUMA).view(1, 3, 1, 1)
+    small, probes = reader.frames_near(probes, size=size, near=slack)  # probes: the frames served
+    grey = to_tensor(small) * torch.tensor(LUMA).view(1, 3, 1, 1)
     grey = grey.sum(1)  # (m, h, w)
     change = torch.cat([torch.zeros(1), (grey[1:] - grey[:-1]).abs().mean((1, 2))])
     segments = np.array_split(np.arange(len(probes)), n)
@@ -60,11 +61,12 @@ def framediff_indices(reader, n: int, probe: int = 64, size: tuple[int, int] = (
 FRAME_SAMPLERS = ("uniform", "framediff")
 
 
-def select_frames(reader, n: int, sampler: str = "uniform") -> list[int]:
+def select_frames(reader, n: int, sampler: str = "uniform", slack: int = 0) -> list[int]:
     """``n`` frame indices by the named sampler: ``uniform`` (evenly spaced) or ``framediff``
-    (the frame of largest change in each of ``n`` equal segments)."""
+    (the frame of largest change in each of ``n`` equal segments; its probes may move ``slack``
+    frames to reference frames, see ``VideoReader.frames_near``)."""
     if sampler == "framediff":
-        return framediff_indices(reader, n)
+        return framediff_indices(reader, n, slack=slack)
     if sampler == "uniform":
         return uniform_indices(reader.n_frames, n)
     raise ValueError(f"sampler must be one of {', '.join(FRAME_SAMPLERS)}, got {sampler!r}")

@@ -109,7 +109,7 @@ class CLiFVQAPrepare:
 
         t0 = time.perf_counter()
         with open_video(item.path, max_side=self.max_side or None) as reader:
-            indices = sampling.select_frames(reader, self.frames, self.sampler)
+            indices = sampling.select_frames(reader, self.frames, self.sampler, self.slack)
             frames, used = reader.frames_near(indices, near=self.slack)  # uint8 (T, H, W, 3)
             facts = reader.facts()
         facts = {**facts, "frames_used": used, "decode_ms": (time.perf_counter() - t0) * 1e3}

@@ -158,7 +158,7 @@ class QCLIPPrepare:
 
     def __call__(self, item: Item) -> Sample:
         with open_video(item.path) as reader:
-            indices = select_frames(reader, self.frames, self.sampler)
+            indices = select_frames(reader, self.frames, self.sampler, self.slack)
             # (T, S, S, 3), squashed while decoding; `used` may differ from `indices` by <= slack
             frames, used = reader.frames_near(indices, size=(self.size, self.size), near=self.slack)
             facts = reader.facts()
