@@ -177,21 +177,21 @@ class VideoReader:
         recent: dict[int, av.VideoFrame] = {}  # decoded frames that a later target may still use
         served: dict[int, tuple[int, np.ndarray]] = {}
         decoded: Iterator[tuple[int, av.VideoFrame]] | None = None
-        pos = -1
+        pos, ended = -1, False  # ended: the stream is exhausted (later targets use what is left)
         for t in targets:
             lo, hi = t - near, t + near
             recent = {i: f for i, f in recent.items() if i >= lo}
-            if decoded is None or index.keyframe_before(max(lo, 0)) > pos:
+            if not ended and (decoded is None or index.keyframe_before(max(lo, 0)) > pos):
                 decoded, recent = self._decode_from(index, index.keyframe_before(max(lo, 0))), {}
-            while pos < hi and t not in recent:
+            while not ended and pos < hi and t not in recent:
                 step = next(decoded, None)
                 if step is None:
-                    decoded, pos = None, -1
+                    ended = True
                     break
                 pos, frame = step
                 if pos >= lo:
                     recent[pos] = frame
-            if recent:  # nearest, preferring a frame no earlier target took; ties: the earlier
+            if recent:  # nearest, preferring a frame no earlier target took; ties: the earlier one
                 taken = {p for p, _ in served.values()}
                 best = min(recent, key=lambda i: (i in taken, abs(i - t), i))
                 if abs(best - t) <= near:
