@@ -181,8 +181,9 @@ class VideoReader:
         for t in targets:
             lo, hi = t - near, t + near
             recent = {i: f for i, f in recent.items() if i >= lo}
-            if not ended and (decoded is None or index.keyframe_before(max(lo, 0)) > pos):
-                decoded, recent = self._decode_from(index, index.keyframe_before(max(lo, 0))), {}
+            key = index.keyframe_before(max(lo, 0))
+            if not ended and (decoded is None or key > pos):
+                decoded, recent = self._decode_from(index, key), {}
             while not ended and pos < hi and t not in recent:
                 step = next(decoded, None)
                 if step is None:
