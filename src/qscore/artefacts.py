@@ -11,7 +11,7 @@ _RAMP = np.array(
 
 
 # 256 colours along the ramp: heat quantised to 8 bits picks its colour by one table lookup
-# (6x faster than interpolating per pixel on a 512x512 map, 10 vs 60 ms on one build-machine core).
+# (5x faster than interpolating per pixel: 3.8 vs 18.4 ms for a 512x512 map on one build-machine core).
 _LUT = np.stack([np.interp(np.linspace(0, len(_RAMP) - 1, 256), np.arange(len(_RAMP)), _RAMP[:, c]) for c in range(3)], axis=1)
 _LUT = _LUT.round().astype(np.uint8)  # (256, 3)
 

@@ -46,7 +46,7 @@ log = logging.getLogger("qscore")
 
 EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
 # Postprocessing and artefact PNGs of a batch can cost more CPU than its forward (a 512x512
-# heatmap overlay ~50 ms per image): several writer threads work on batches side by side.
+# heatmap overlay and its PNG: ~26 ms per image on one core): writer threads take batches side by side.
 WRITERS = min(4, os.cpu_count() or 1)
 MAX_QUEUED = WRITERS + 1  # batches waiting for or in the writer threads
 

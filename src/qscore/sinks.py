@@ -180,7 +180,7 @@ def write_artefacts(out: Path, rel_path: str, artefacts: dict[str, np.ndarray]) 
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name("." + target.name + ".tmp")
-        # zlib level 1: 6x faster than PIL's default 6 on a 512x512 photo overlay, file 16 % larger
+        # zlib level 1: 5x faster than PIL's default 6 on a 512x512 photo overlay (21 vs 112 ms), file 16 % larger
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", compress_level=PNG_LEVEL)
         os.replace(tmp, target)
         written[kind] = str(rel)
