@@ -177,3 +177,69 @@ def test_mllm_answer_parsing():
     assert ratings == [1.0, 0.0, 0.5, 0.75, 1.0, 0.75]
     ratings, content_unknown = parse_answer("no json here")
     assert ratings == [0.5] * 6 and content != content_unknown
+
+
+def test_measured_describer_rates_each_region_by_its_own_pixels():
+    """Left half clean, right half degraded: only the right region's rating of that distortion falls."""
+    from qscore.models.rsfiqa import DIMENSIONS, MeasuredDescriber
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:128, 0:256]
+    blocks = rng.integers(60, 200, (128 // 6 + 1, 256 // 6 + 1)).repeat(6, 0).repeat(6, 1)[:128, :256]
+    base = (blocks + 20 * np.sin(xx / 5.0) * np.cos(yy / 7.0))[..., None].repeat(3, -1)  # sharp edges
+    flat = np.full((128, 256, 3), 120.0)
+    labels = torch.zeros(128, 256, dtype=torch.long)
+    labels[:, 128:] = 1
+    describe = MeasuredDescriber()
+
+    def ratings(img):
+        image = torch.from_numpy(np.clip(img, 0, 255).astype(np.uint8)).permute(2, 0, 1)
+        e, content = describe(image, labels, 2)
+        assert e.shape == (2, describe.dim) and (content == -1).all()
+        return dict(zip(DIMENSIONS, e[:, -len(DIMENSIONS) :].T))
+
+    noisy = flat.copy()
+    noisy[:, 128:] += rng.normal(0, 12, (128, 128, 3))
+    r = ratings(noisy)
+    assert r["noise"][1] < 0.2 < 0.9 < r["noise"][0]
+
+    blurred = base.copy()
+    blurred[:, 128:] = np.asarray(Image.fromarray(base[:, 128:].astype(np.uint8)).resize((16, 16)).resize((128, 128), Image.BICUBIC))
+    r = ratings(blurred)
+    assert r["blur"][1] < r["blur"][0] - 0.3
+
+    dark = base.copy()
+    dark[:, 128:] *= 0.15
+    r = ratings(dark)
+    assert r["exposure"][1] < r["exposure"][0] - 0.3
+    grey = base * (1.5, 0.9, 0.3) * rng.uniform(0.6, 1.2, (128 // 6 + 1, 256 // 6 + 1, 3)).repeat(6, 0).repeat(6, 1)[:128, :256]
+    grey[:, 128:] = grey[:, 128:].mean(-1, keepdims=True)
+    r = ratings(grey)
+    assert r["colour"][1] < 0.05 < 0.5 < r["colour"][0]
+    assert all(((v >= 0) & (v <= 1)).all() for v in r.values())
+
+
+def test_measured_describer_sees_jpeg_blocks():
+    from qscore.models.rsfiqa import DIMENSIONS, MeasuredDescriber
+    import io
+
+    yy, xx = np.mgrid[0:128, 0:128]
+    img = np.stack([128 + 50 * np.sin(xx / 9.0 + yy / 13.0)] * 3, -1).astype(np.uint8)
+    labels = torch.zeros(128, 128, dtype=torch.long)
+
+    def artifact(quality):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=quality)
+        decoded = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()).permute(2, 0, 1)
+        return float(MeasuredDescriber()(decoded, labels, 1)[0][0, len(DIMENSIONS) * -1 + DIMENSIONS.index("artifact")])
+
+    assert artifact(5) < artifact(95) - 0.2
+
+
+def test_measured_describer_model_scores_without_clip(tmp_path, items):
+    model = RSFIQA(RSFIQA.make_config("tiny", cache_dir=str(tmp_path), describer="measured", **SMALL)).eval()
+    assert not hasattr(model.describer, "clip")
+    samples, outputs = run(model, items)
+    rows = model.postprocess(outputs, samples)
+    assert rows[0].columns["largest_region"] is None
+    assert 0 <= rows[0].columns["rating_noise"] <= 1 and torch.isfinite(outputs["score"]).all()

@@ -68,7 +68,7 @@ class Config:
     min_region_frac: float = 0.005
     r_max: int = 16
     sam_points_per_batch: int = 256  # point prompts decoded at once on the device
-    describer: str = "clip"  # clip | mllm
+    describer: str = "clip"  # clip | mllm | measured (signal statistics, needs no weights)
     clip_arch: str = "ViT-B-16"  # "tiny": a small random CLIP for tests
     mllm: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # transformers chat VLM for describer=mllm
     dim: int = 256
@@ -299,6 +299,85 @@ def parse_answer(answer: str) -> tuple[list[float], int]:
     return ratings, CONTENT.index(label) if label in CONTENT else CONTENT.index("object")
 
 
+MEASURED = (  # per-region statistics of the measured describer, in this order before the ratings
+    "luma", "contrast", "dark_clip", "bright_clip", "colourfulness", "saturation", "log_noise_all",
+    "log_noise_flat", "log_gradient", "fine_coarse", "log_blockiness", "log_laplacian_contrast", "log_gradient_contrast",
+)
+
+
+def _filter3(y: Tensor, kernel: Sequence[Sequence[float]]) -> Tensor:
+    """3x3 filter of a (H, W) map with replicated borders -> (H, W)."""
+    k = torch.tensor(kernel, dtype=y.dtype, device=y.device)[None, None]
+    return F.conv2d(F.pad(y[None, None], (1, 1, 1, 1), mode="replicate"), k)[0, 0]
+
+
+def _gradient(y: Tensor) -> Tensor:
+    sobel = ((-1, 0, 1), (-2, 0, 2), (-1, 0, 1))
+    return torch.hypot(_filter3(y, sobel), _filter3(y, tuple(zip(*sobel))))
+
+
+class MeasuredDescriber(nn.Module):
+    """Region description by measurement instead of a vision-language model: per region, the
+    statistics in ``MEASURED`` (luminance and clipping, Hasler-Suesstrunk colourfulness,
+    Immerkaer noise over all and over flat pixels, gradient energy, fine-to-coarse detail ratio,
+    8x8 blockiness, detail relative to contrast) and the six ratings in [0, 1] (higher is better)
+    as fixed monotone maps of them. No weights, deterministic; no content label (content -1).
+    e_r = [statistics ; ratings] (E = 13 + 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dim = len(MEASURED) + len(DIMENSIONS)
+
+    def reset(self) -> None:
+        """Nothing is cached (the interface of the CLIP describer)."""
+
+    @torch.no_grad()
+    def forward(self, image: Tensor, labels: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """image: uint8 (3, H, W); labels: (H, W) in 0..n-1 -> e (n, E) fp32, content (n,) = -1."""
+        x = image.float() / 255
+        r, g, b = x
+        y = 0.299 * r + 0.587 * g + 0.114 * b
+        grad = _gradient(y)
+        coarse = F.interpolate(_gradient(F.avg_pool2d(y[None, None], 2)[0, 0])[None, None], size=y.shape, mode="nearest")[0, 0]
+        noise = _filter3(y, ((1, -2, 1), (-2, 4, -2), (1, -2, 1))).abs() * (torch.pi / 2) ** 0.5 / 6  # Immerkaer sigma
+        flat = (grad < 0.1).float()
+        rg, yb = r - g, 0.5 * (r + g) - b
+        top, bottom = x.max(0).values, x.min(0).values
+        dx = torch.zeros_like(y)
+        dx[:, :-1] = (y[:, 1:] - y[:, :-1]).abs()
+        edge = (torch.arange(y.shape[1], device=y.device) % 8 == 7).float().expand_as(y).clone()
+        edge[:, -1] = 0
+        inner = (dx > -1).float() - edge
+        inner[:, -1] = 0
+        maps = torch.stack([  # per-pixel terms whose region sums give every statistic
+            torch.ones_like(y), y, y * y, (y < 0.02).float(), (y > 0.98).float(), rg, rg * rg, yb, yb * yb,
+            (top - bottom) / (top + 1e-3), noise, noise * flat, flat, grad, coarse,
+            dx * edge, edge, dx * inner, inner, _filter3(y, ((0, 1, 0), (1, -4, 1), (0, 1, 0))).abs(),
+        ])
+        sums = torch.zeros(n, len(maps), device=x.device).index_add_(0, labels.flatten().long(), maps.flatten(1).T)
+        count, sy, syy, dark, bright, srg, srgrg, syb, sybyb, sat, sn, snf, sf, sg, sc, sde, se, sdi, si, slap = sums.T
+        mean = lambda v, c=count: v / c.clamp_min(1)  # noqa: E731
+        luma, contrast = mean(sy), (mean(syy) - mean(sy) ** 2).clamp_min(0).sqrt()
+        colourful = ((mean(srgrg) - mean(srg) ** 2).clamp_min(0) + (mean(sybyb) - mean(syb) ** 2).clamp_min(0)).sqrt() + 0.3 * torch.hypot(mean(srg), mean(syb))
+        sigma = mean(snf, sf)  # noise where the image is flat; texture would pass for noise elsewhere
+        blockiness = mean(sde, se) / mean(sdi, si).clamp_min(1e-6)
+        detail = mean(slap) / (contrast + 0.01)
+        stats = torch.stack([
+            luma, contrast, mean(dark), mean(bright), colourful, mean(sat), (mean(sn) + 1e-4).log(), (sigma + 1e-4).log(),
+            (mean(sg) + 1e-4).log(), mean(sg) / mean(sc).clamp_min(1e-4), blockiness.clamp_min(1e-3).log(), (detail + 1e-4).log(),
+            (mean(sg) / (contrast + 0.01) + 1e-4).log(),
+        ], 1)
+        ratings = torch.stack([
+            1 - torch.exp(-colourful / 0.12),  # colour: vivid is good
+            torch.exp(-255 * sigma / 3),  # noise: sigma in 8-bit levels
+            torch.exp(-(blockiness - 1).clamp_min(0)),  # artifact: 8x8 grid edges stronger than the rest
+            1 - torch.exp(-detail / 0.15),  # blur: fine detail relative to contrast
+            (1 - (2 * luma - 1) ** 2) * (1 - mean(dark) - mean(bright)),  # exposure: mid-grey, unclipped
+        ], 1).clamp(0, 1)
+        overall = ratings.clamp_min(1e-6).log().mean(1, keepdim=True).exp()  # geometric mean
+        return torch.cat([stats, ratings, overall], 1).float(), torch.full((n,), -1, dtype=torch.long, device=x.device)
+
+
 # ---- the CPU side -----------------------------------------------------------------------------------
 
 
@@ -401,13 +480,13 @@ class RSFIQA(Model):
             c.points_per_side, c.pred_iou_thresh, c.stability_score_thresh, 1.0, c.box_nms_thresh, c.min_region_frac, c.r_max
         )
         self.regions = SamRegions(build_sam(c.sam), self.rules, c.sam_points_per_batch)
-        clip_parts = build_clip(tiny=True) if c.clip_arch == "tiny" else build_clip(c.clip_arch)
-        if c.describer == "clip":
-            self.describer = ClipDescriber(*clip_parts)
-        elif c.describer == "mllm":
-            self.describer = MllmDescriber(*clip_parts, name=c.mllm)
+        if c.describer == "measured":
+            self.describer = MeasuredDescriber()
+        elif c.describer in ("clip", "mllm"):
+            clip_parts = build_clip(tiny=True) if c.clip_arch == "tiny" else build_clip(c.clip_arch)
+            self.describer = ClipDescriber(*clip_parts) if c.describer == "clip" else MllmDescriber(*clip_parts, name=c.mllm)
         else:
-            raise ValueError(f"unknown describer {c.describer!r}: clip or mllm")
+            raise ValueError(f"unknown describer {c.describer!r}: clip, mllm or measured")
         self.backbone = Backbone(c.backbone, c.crop_size)
         self.rsa = RSA(self.backbone.channels, self.describer.dim, c.dim, c.region_layers, c.heads)
 
@@ -538,7 +617,7 @@ class RSFIQA(Model):
                 "n_regions": n,
                 "top_region_weight": float(outputs["region_weights"][i, :n].max()),
                 **{f"rating_{d}": float(v) for d, v in zip(DIMENSIONS, ratings)},
-                "largest_region": CONTENT[int(outputs["content"][i, int(area.argmax())])],
+                "largest_region": label_of(int(outputs["content"][i, int(area.argmax())])),
             }
             heat = self.heatmap(outputs["attention"][i], sample)
             results.append(Output(columns, {"heatmap": overlay_on(sample, heat)}, {"heatmap": heat}))
@@ -571,11 +650,13 @@ class RSFIQA(Model):
 
         from qscore.weights import load_state
 
-        if self.config.sam not in SAM_KEYS or self.config.clip_arch != "ViT-B-16":
+        uses_clip = self.config.describer != "measured"
+        if self.config.sam not in SAM_KEYS or (uses_clip and self.config.clip_arch != "ViT-B-16"):
             raise MissingWeights(f"no official weights for sam={self.config.sam}, clip={self.config.clip_arch}; use --weights random")
         self.regions.sam.load_state_dict(load_state(registry.path(SAM_KEYS[self.config.sam])))
-        open_clip.load_checkpoint(self.describer.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
-        self.describer.reset()
+        if uses_clip:
+            open_clip.load_checkpoint(self.describer.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
+            self.describer.reset()
 
     def load_official(self, registry: Any) -> tuple[str, str]:
         """SAM + CLIP, and the score head registered as ``rsfiqa-head`` (a ``qscore train rsfiqa``
@@ -597,7 +678,8 @@ class RSFIQA(Model):
             missing = self.backbone.body.load_state_dict(load_state(registry.path(self.config.backbone_weights)), strict=False)
             if missing.missing_keys:
                 raise ValueError(f"{self.config.backbone_weights} does not fit {self.config.backbone}: missing {missing.missing_keys[:5]}")
-        return f"{SAM_KEYS[self.config.sam]}+clip-vit-b16-openai", "random"
+        describer = "+clip-vit-b16-openai" if self.config.describer != "measured" else ""
+        return SAM_KEYS[self.config.sam] + describer, "random"
 
     def load_trained(self, state: dict[str, Tensor], card: dict, registry: Any) -> None:
         super().load_trained(state, card, registry)
@@ -617,6 +699,11 @@ class RSFIQA(Model):
 
         pred = self(batch)["score"].float()
         return l1_loss(pred, targets) + self.config.rank_weight * rank_loss(pred, targets.float())
+
+
+def label_of(content: int) -> str | None:
+    """A content index as its word; None where the describer gives no label (``measured``)."""
+    return CONTENT[content] if content >= 0 else None
 
 
 def overlay_on(sample: Sample, heat: np.ndarray) -> np.ndarray:
