@@ -243,3 +243,19 @@ def test_measured_describer_model_scores_without_clip(tmp_path, items):
     rows = model.postprocess(outputs, samples)
     assert rows[0].columns["largest_region"] is None
     assert 0 <= rows[0].columns["rating_noise"] <= 1 and torch.isfinite(outputs["score"]).all()
+
+
+def test_heatmap_blends_overlapping_crops_without_seams(model):
+    """Two overlapping crops with different flat attention: the map keeps each crop's value
+    where only it covers, and moves between them without a step at the inner crop edge."""
+    from types import SimpleNamespace
+
+    c = model.config.crop_size
+    origins = torch.tensor([[0, 0], [0, c // 2]])
+    sample = SimpleNamespace(inputs={"image": torch.zeros(3, c, c + c // 2), "origins": origins, "flip": torch.zeros(2, dtype=torch.bool)})
+    g = torch.ones(2, 4, 4) / 16
+    g[1] *= 3  # the second crop's density is 3x the first's (a different crop normalisation)
+    heat = model.heatmap(g, sample)
+    row = heat[c // 2] / heat[c // 2, 0]
+    assert np.allclose(row[: c // 2 - 1], 1.0, atol=1e-4) and np.allclose(row[c + 1 :], 3.0, atol=1e-4)
+    assert np.abs(np.diff(row)).max() < 0.2  # a hard average would jump by 1.0 at x = c // 2 and c

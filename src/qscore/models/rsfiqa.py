@@ -624,16 +624,19 @@ class RSFIQA(Model):
         return results
 
     def heatmap(self, attention: Tensor, sample: Sample) -> np.ndarray:
-        """G of every crop, as attention per pixel, averaged where crops overlap -> float (H, W)
-        at the working size (uncovered pixels 0)."""
+        """G of every crop, as attention per pixel, blended where crops overlap -> float (H, W)
+        at the working size (uncovered pixels 0). Each crop weighs most at its centre and
+        fades towards its edges (a tent window), so crop borders leave no seams."""
         c = self.config.crop_size
         h, w = sample.inputs["image"].shape[1:]
-        total, count = torch.zeros(h, w), torch.zeros(h, w)
+        ramp = 1 - torch.linspace(-1, 1, c).abs()
+        window = torch.outer(ramp, ramp).clamp_min(1e-3)  # (c, c)
+        total, weight = torch.zeros(h, w), torch.zeros(h, w)
         for g, (y, x), flip in zip(attention.float(), sample.inputs["origins"].tolist(), sample.inputs["flip"].tolist()):
             density = F.interpolate(g[None, None] / (c * c / g.numel()), size=(c, c), mode="bilinear", align_corners=False)[0, 0]
-            total[y : y + c, x : x + c] += density.flip(-1) if flip else density
-            count[y : y + c, x : x + c] += 1
-        return (total / count.clamp_min(1)).numpy()
+            total[y : y + c, x : x + c] += window * (density.flip(-1) if flip else density)
+            weight[y : y + c, x : x + c] += window
+        return (total / weight.clamp_min(1e-12)).numpy()
 
     # ---- weights and training -------------------------------------------------------------------
     def train(self, mode: bool = True) -> RSFIQA:
