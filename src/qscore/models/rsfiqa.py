@@ -343,12 +343,12 @@ class MeasuredDescriber(nn.Module):
         flat = (grad < 0.1).float()
         rg, yb = r - g, 0.5 * (r + g) - b
         top, bottom = x.max(0).values, x.min(0).values
-        dx = torch.zeros_like(y)
+        dx = torch.zeros_like(y)  # |step to the right neighbour|; the last column has none
         dx[:, :-1] = (y[:, 1:] - y[:, :-1]).abs()
-        edge = (torch.arange(y.shape[1], device=y.device) % 8 == 7).float().expand_as(y).clone()
-        edge[:, -1] = 0
-        inner = (dx > -1).float() - edge
-        inner[:, -1] = 0
+        has_step = torch.ones_like(y)
+        has_step[:, -1] = 0
+        edge = (torch.arange(y.shape[1], device=y.device) % 8 == 7).float() * has_step  # JPEG block borders
+        inner = has_step - edge
         maps = torch.stack([  # per-pixel terms whose region sums give every statistic
             torch.ones_like(y), y, y * y, (y < 0.02).float(), (y > 0.98).float(), rg, rg * rg, yb, yb * yb,
             (top - bottom) / (top + 1e-3), noise, noise * flat, flat, grad, coarse,
