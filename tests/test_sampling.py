@@ -10,6 +10,7 @@ from qscore.media import MediaError
 from qscore.media.sampling import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    channels_first,
     clip_indices,
     fragments,
     framediff_indices,
@@ -179,3 +180,15 @@ def test_windows_of_small_frames_report_original_boxes():
         w = windows[0, g]
         assert y0 - 1 <= w[0].min() and w[0].max() <= y1  # pixels come from inside the box
         assert x0 - 1 <= w[1].min() and w[1].max() <= x1
+
+
+def test_samplers_on_uint8_views_match_the_float_path():
+    """Decoded frames go through the samplers as uint8 views (no float copy): fragments and
+    windows are the same pixels, resized tiles within one level of the float result."""
+    frames = np.random.default_rng(0).integers(0, 256, (3, 250, 400, 3), dtype=np.uint8)
+    u8, f = channels_first(frames), to_tensor(frames)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 3, 250, 400) and u8.data_ptr() == torch.from_numpy(frames).data_ptr()
+    assert torch.equal(fragments(u8, 7, 32, seed=3).float(), fragments(f, 7, 32, seed=3) * 255)
+    assert torch.equal(sliding_windows(u8, 224, (2, 2))[0].float(), sliding_windows(f, 224, (2, 2))[0] * 255)
+    assert (squash_resize(u8, 112).float() - squash_resize(f, 112) * 255).abs().max() <= 1.0
+    assert (usds(u8, 7, 32, seed=3).float() - usds(f, 7, 32, seed=3) * 255).abs().max() <= 1.0
