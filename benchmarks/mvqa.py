@@ -41,7 +41,7 @@ import torch
 
 from qscore.models import mamba
 from qscore.models.base import Item
-from qscore.models.mvqa import MVQA, USDSPreparer
+from qscore.models.mvqa import MVQA, USDSPreparer, backbone_input
 
 DEFAULT_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "bikes.mp4"
 
@@ -101,7 +101,7 @@ def model_agreement(video: torch.Tensor) -> dict:
         for layer in model.backbone.layers:
             layer.mixer.impl = impl
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            return model.backbone(batch.flatten(0, 1).transpose(1, 2)).float()
+            return model.backbone(backbone_input(batch)).float()
 
     torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions really in fp32 for this check
     ref = features("reference", bf16=False)
@@ -114,12 +114,12 @@ def model_agreement(video: torch.Tensor) -> dict:
 
 
 def inputs(path: Path | None, frames: int) -> tuple[torch.Tensor, str]:
-    """One USDS sample (1, 1, T, 3, 224, 224) of a real clip, or random values of that shape."""
+    """One uint8 USDS sample (1, 1, T, 3, 224, 224) of a real clip, or random pixels of that shape."""
     if path is not None and path.is_file():
         prepare = USDSPreparer(frames=frames, interval=2, clips=1, grid=7, fragment=32, seed=0)
         item = Item(str(path), path.name, path.stat().st_size, path.stat().st_mtime)
         return prepare(item).inputs["video"][None], f"USDS of {path.name}"
-    return torch.randn(1, 1, frames, 3, 224, 224), "random"
+    return torch.randint(0, 256, (1, 1, frames, 3, 224, 224), dtype=torch.uint8), "random"
 
 
 def measure(forward, batch: torch.Tensor, iters: int, budget_s: float) -> dict:
@@ -158,7 +158,7 @@ def build(name: str, scan: str, frames: int):
         import torchvision
 
         swin = torchvision.models.video.swin3d_t(weights=None, num_classes=1).cuda().eval()
-        return swin, lambda x: swin(x.flatten(0, 1).transpose(1, 2))
+        return swin, lambda x: swin(backbone_input(x))  # the same normalised fragments MVQA reads
     model = MVQA(MVQA.make_config(name.removeprefix("mvqa-"), scan=scan, frames=frames)).cuda().eval()
     return model, lambda x: model({"video": x})["score"]
 

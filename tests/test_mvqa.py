@@ -13,7 +13,7 @@ import torch
 from qscore.media.sampling import clip_indices, to_tensor, usds
 from qscore.media.video import open_video
 from qscore.models.base import Item, MissingWeights
-from qscore.models.mvqa import MVQA
+from qscore.models.mvqa import MVQA, backbone_input
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "video"
 
@@ -26,7 +26,7 @@ def make(preset="test", torch_seed=0, **overrides) -> MVQA:
 def random_video(model: MVQA, batch=2, clips=1, seed=0) -> torch.Tensor:
     c = model.config
     side = c.grid * c.fragment
-    return torch.randn(batch, clips, c.frames, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 256, (batch, clips, c.frames, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
 # ---- USDS ----------------------------------------------------------------------------------
@@ -120,9 +120,9 @@ def test_regression_token_sees_every_frame():
     model = make()
     video = random_video(model, batch=1)
     later = video.clone()
-    later[:, :, -1] += 1.0  # change only the last frame
+    later[:, :, -1] = 255 - later[:, :, -1]  # change only the last frame
     with torch.no_grad():
-        before, after = (model.backbone(v.flatten(0, 1).transpose(1, 2)) for v in (video, later))
+        before, after = (model.backbone(backbone_input(v)) for v in (video, later))
     assert (after - before).norm() / before.norm() > 1e-6
 
 
@@ -250,7 +250,7 @@ def test_training_loss_decreases_on_a_tiny_problem():
     model = make().train()
     video = random_video(model, batch=6, seed=1)
     target = torch.linspace(0, 1, 6)
-    video = video + target.view(6, 1, 1, 1, 1, 1)  # a learnable brightness-like signal
+    video = (video // 2 + (127 * target).round().view(6, 1, 1, 1, 1, 1)).to(torch.uint8)  # a learnable brightness-like signal
     groups = model.trainable_parameters()
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
     head = [g for g in groups if g["lr_scale"] == 1.0]

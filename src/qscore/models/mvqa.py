@@ -172,8 +172,7 @@ class MVQA(Model):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         video = batch["video"]  # uint8 (b, clips, T, 3, H, W)
-        x = normalize(video.flatten(0, 1).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
-        features = self.backbone(x.transpose(1, 2))  # (b*clips, d)
+        features = self.backbone(backbone_input(video))  # (b*clips, d)
         scores = self.head(features).float().view(video.shape[0], video.shape[1])
         return {"score": scores.mean(1)}
 
@@ -214,6 +213,12 @@ class MVQA(Model):
             raise ValueError(f"VideoMamba checkpoint does not fit this preset: {'; '.join(wrong[:5])}")
         self.backbone.load_state_dict(picked, strict=True)
         return sorted(set(state) - set(own))
+
+
+def backbone_input(video: Tensor) -> Tensor:
+    """The preparer's uint8 clips (b, clips, T, 3, H, W) as the backbone reads them: ImageNet-
+    normalised floats (b*clips, 3, T, H, W)."""
+    return normalize(video.flatten(0, 1).float() / 255, IMAGENET_MEAN, IMAGENET_STD).transpose(1, 2)
 
 
 def _resample(key: str, value: Tensor, shape: torch.Size) -> Tensor:
