@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from qscore.models.rsfiqa import MEASURED, MeasuredDescriber
+from qscore.models.rsfiqa import DIMENSIONS, MEASURED, MeasuredDescriber
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", default="../shared/data/biq2021")
@@ -32,7 +32,7 @@ def features(csv: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 (xt, yt), (xv, yv) = features("train.csv"), features("val.csv")
-names = [*MEASURED, *(f"rating_{d}" for d in ("colour", "noise", "artifact", "blur", "exposure", "overall"))]
+names = [*MEASURED, *(f"rating_{d}" for d in DIMENSIONS)]
 for i, name in enumerate(names):
     print(f"{name:24s} val SRCC {spearmanr(xv[:, i], yv)[0]:+.3f}")
 mu, sd = xt.mean(0), xt.std(0) + 1e-9

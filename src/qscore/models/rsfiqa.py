@@ -362,10 +362,11 @@ class MeasuredDescriber(nn.Module):
         sigma = mean(snf, sf)  # noise where the image is flat; texture would pass for noise elsewhere
         blockiness = mean(sde, se) / mean(sdi, si).clamp_min(1e-6)
         detail = mean(slap) / (contrast + 0.01)
+        gradient = mean(sg)
         stats = torch.stack([
             luma, contrast, mean(dark), mean(bright), colourful, mean(sat), (mean(sn) + 1e-4).log(), (sigma + 1e-4).log(),
-            (mean(sg) + 1e-4).log(), mean(sg) / mean(sc).clamp_min(1e-4), blockiness.clamp_min(1e-3).log(), (detail + 1e-4).log(),
-            (mean(sg) / (contrast + 0.01) + 1e-4).log(),
+            (gradient + 1e-4).log(), gradient / mean(sc).clamp_min(1e-4), blockiness.clamp_min(1e-3).log(), (detail + 1e-4).log(),
+            (gradient / (contrast + 0.01) + 1e-4).log(),
         ], 1)
         ratings = torch.stack([
             1 - torch.exp(-colourful / 0.12),  # colour: vivid is good
@@ -653,7 +654,7 @@ class RSFIQA(Model):
 
         from qscore.weights import load_state
 
-        uses_clip = self.config.describer != "measured"
+        uses_clip = isinstance(self.describer, ClipDescriber)
         if self.config.sam not in SAM_KEYS or (uses_clip and self.config.clip_arch != "ViT-B-16"):
             raise MissingWeights(f"no official weights for sam={self.config.sam}, clip={self.config.clip_arch}; use --weights random")
         self.regions.sam.load_state_dict(load_state(registry.path(SAM_KEYS[self.config.sam])))
@@ -681,7 +682,7 @@ class RSFIQA(Model):
             missing = self.backbone.body.load_state_dict(load_state(registry.path(self.config.backbone_weights)), strict=False)
             if missing.missing_keys:
                 raise ValueError(f"{self.config.backbone_weights} does not fit {self.config.backbone}: missing {missing.missing_keys[:5]}")
-        describer = "+clip-vit-b16-openai" if self.config.describer != "measured" else ""
+        describer = "+clip-vit-b16-openai" if isinstance(self.describer, ClipDescriber) else ""
         return SAM_KEYS[self.config.sam] + describer, "random"
 
     def load_trained(self, state: dict[str, Tensor], card: dict, registry: Any) -> None:
