@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qscore.models.base import Item
+from qscore.models.base import Item, MissingWeights
 from qscore.models.rsfiqa import RSA, RSFIQA, Backbone, parse_answer
 
 SMALL = dict(backbone="test_resnet", crop_size=64, test_grid=2, max_side=128, dim=32, heads=2)
@@ -243,6 +243,8 @@ def test_measured_describer_model_scores_without_clip(tmp_path, items):
     rows = model.postprocess(outputs, samples)
     assert rows[0].columns["largest_region"] is None
     assert 0 <= rows[0].columns["rating_noise"] <= 1 and torch.isfinite(outputs["score"]).all()
+    with pytest.raises(MissingWeights, match=r"for sam=tiny; use --weights random"):  # CLIP is not asked for
+        model.load_backbone(None)
 
 
 def test_heatmap_blends_overlapping_crops_without_seams(model):

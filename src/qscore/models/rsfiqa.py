@@ -655,8 +655,10 @@ class RSFIQA(Model):
         from qscore.weights import load_state
 
         uses_clip = isinstance(self.describer, ClipDescriber)
-        if self.config.sam not in SAM_KEYS or (uses_clip and self.config.clip_arch != "ViT-B-16"):
-            raise MissingWeights(f"no official weights for sam={self.config.sam}, clip={self.config.clip_arch}; use --weights random")
+        lacking = [f"sam={self.config.sam}"] * (self.config.sam not in SAM_KEYS)
+        lacking += [f"clip_arch={self.config.clip_arch}"] * (uses_clip and self.config.clip_arch != "ViT-B-16")
+        if lacking:
+            raise MissingWeights(f"no official weights for {', '.join(lacking)}; use --weights random")
         self.regions.sam.load_state_dict(load_state(registry.path(SAM_KEYS[self.config.sam])))
         if uses_clip:
             open_clip.load_checkpoint(self.describer.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
