@@ -103,6 +103,18 @@ def test_all_ok_exit_zero_and_schema(tmp_path):
     assert png.mode == "RGB"
 
 
+def test_no_maps_writes_rows_and_no_pngs(tmp_path):
+    make_images(tmp_path / "in", 3)
+    with_maps, without = tmp_path / "maps", tmp_path / "rows"
+    assert qscore("image", tmp_path / "in", "-m", "toy", "-o", with_maps, "-j", "0", "--weights", "random")[0] == 0
+    code, output = qscore("image", tmp_path / "in", "-m", "toy", "-o", without, "-j", "0", "--weights", "random", "--no-maps")
+    assert code == 0, output
+    df, full = table(without), table(with_maps)
+    assert list(df.score) == list(full.score) and set(df.status) == {"ok"}
+    assert df.heatmap_path.isna().all() and full.heatmap_path.notna().all()
+    assert not list(without.rglob("*.png"))
+
+
 def test_same_scores_for_batch_sizes_and_runs(tmp_path):
     make_images(tmp_path / "in", 6)
     scores = []

@@ -48,6 +48,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors that sto
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log every failed file as a warning, and debug details.")]
 MaxFiles = Annotated[Optional[int], typer.Option("--max-files", min=0, help="Score at most this many files (of those not done yet).")]
 Npz = Annotated[bool, typer.Option("--npz", help="Also save float maps (probability, uncertainty, heat) as .npz under arrays/.")]
+Maps = Annotated[bool, typer.Option("--maps/--no-maps", help="Write heatmap and mask PNGs; --no-maps writes the rows only (their *_path columns stay empty).")]
 
 
 def _run(task: str, paths: list[str] | None, model: str, **opts) -> None:
@@ -66,7 +67,7 @@ def image(
     device: Device = "auto", batch_size: Batch = 16, workers: Workers = -1, weights: Weights = None,
     registry_file: Registry_ = None, preset: Preset = None, sets: Set = None, force: Force = False,
     ext: Ext = None, seed: Seed = 0, quiet: Quiet = False, verbose: Verbose = False,
-    max_files: MaxFiles = None, npz: Npz = False,
+    max_files: MaxFiles = None, npz: Npz = False, maps: Maps = True,
     backbone: Annotated[Optional[str], typer.Option("--backbone", help="RSFIQA feature backbone (any timm or torchvision name), e.g. resnet50.")] = None,
 ) -> None:
     """Score image quality, one row per image.
@@ -79,7 +80,7 @@ def image(
     """
     _run("image", paths, model, out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
          weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
-         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz,
+         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, maps=maps,
          extra={"backbone": backbone} if backbone else {})
 
 
@@ -89,7 +90,7 @@ def video(
     device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = None,
     registry_file: Registry_ = None, preset: Preset = None, sets: Set = None, force: Force = False,
     ext: Ext = None, seed: Seed = 0, quiet: Quiet = False, verbose: Verbose = False,
-    max_files: MaxFiles = None, npz: Npz = False,
+    max_files: MaxFiles = None, npz: Npz = False, maps: Maps = True,
     sampler: Annotated[Optional[str], typer.Option("--sampler", help="Frame sampler: uniform or framediff (models that sample frames).")] = None,
 ) -> None:
     """Score video quality, one row per video (mvqa, qclip, clifvqa).
@@ -102,7 +103,7 @@ def video(
     """
     _run("video", paths, model, out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
          weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
-         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz,
+         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, maps=maps,
          extra={"sampler": sampler} if sampler else {})
 
 
@@ -114,7 +115,7 @@ def forgery(
     out: Out = Path("qscore-out"), csv: Csv = False, device: Device = "auto", batch_size: Batch = 8,
     workers: Workers = -1, weights: Weights = None, registry_file: Registry_ = None, preset: Preset = None,
     sets: Set = None, force: Force = False, ext: Ext = None, seed: Seed = 0, quiet: Quiet = False,
-    verbose: Verbose = False, max_files: MaxFiles = None, npz: Npz = False,
+    verbose: Verbose = False, max_files: MaxFiles = None, npz: Npz = False, maps: Maps = True,
 ) -> None:
     """Localise image manipulations (UGD-IML): mask, uncertainty and forgery score per image.
 
@@ -133,7 +134,7 @@ def forgery(
         _usage("--pairs is for --mode ciml")
     _run("forgery", paths, "ugdiml", out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
          weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
-         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, pairs=pairs, extra={"mode": mode})
+         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, maps=maps, pairs=pairs, extra={"mode": mode})
 
 
 @app.command()

@@ -75,6 +75,7 @@ class RunConfig:
     max_files: int | None = None
     csv: bool = False
     save_npz: bool = False
+    maps: bool = True  # write the artefact PNGs (heatmaps, masks); False: rows only
     quiet: bool = False
     verbose: bool = False
     progress: bool | None = None  # None: a bar when stderr is a terminal
@@ -452,9 +453,9 @@ class _Engine:
     def _write_now(self, rows: list[dict], results: list[Output]) -> None:
         for row, result in zip(rows, results):
             try:
-                paths = write_artefacts(self.cfg.out, row["rel_path"], result.artefacts)
-                for kind, rel in paths.items():
-                    row[f"{kind}_path"] = rel
+                if self.cfg.maps:
+                    for kind, rel in write_artefacts(self.cfg.out, row["rel_path"], result.artefacts).items():
+                        row[f"{kind}_path"] = rel
                 if self.cfg.save_npz:
                     write_arrays(self.cfg.out, row["rel_path"], result.arrays)
             except OSError as e:
