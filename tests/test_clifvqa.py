@@ -129,6 +129,10 @@ def test_deterministic_and_batch_independent(videos):
         assert a.columns == c.columns
         np.testing.assert_array_equal(a.artefacts["heatmap"], c.artefacts["heatmap"])
     assert len({round(r.columns["score"], 6) for r in together}) == len(videos)
+    model.maps = False  # --no-maps: the same scores; no frame kept for a heatmap
+    bare, samples = score(model, videos)
+    assert [r.columns for r in bare] == [r.columns for r in together]
+    assert not bare[0].artefacts and "frame" not in samples[0].keep
 
 
 @pytest.mark.parametrize("variant,sampler", [("mixed", "uniform"), ("decoupled", "framediff")])

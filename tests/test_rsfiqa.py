@@ -245,6 +245,9 @@ def test_measured_describer_model_scores_without_clip(tmp_path, items):
     assert 0 <= rows[0].columns["rating_noise"] <= 1 and torch.isfinite(outputs["score"]).all()
     with pytest.raises(MissingWeights, match=r"for sam=tiny; use --weights random"):  # CLIP is not asked for
         model.load_backbone(None)
+    model.maps = False  # --no-maps: the same columns, no heatmap built
+    bare = model.postprocess(outputs, samples)
+    assert [r.columns for r in bare] == [r.columns for r in rows] and not bare[0].artefacts and not bare[0].arrays
 
 
 def test_heatmap_blends_overlapping_crops_without_seams(model):

@@ -178,6 +178,7 @@ def bench(
     preset: Preset = None, sets: Set = None, repeats: Annotated[int, typer.Option("--repeats", help="Timed bare-forward batches.")] = 10,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="Files in the runner's untimed first pass (default: all, which fills caches such as RSFIQA's regions).", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    maps: Maps = True,
 ) -> None:
     """Measure a model: bare forward on pre-decoded inputs vs the runner end to end.
 
@@ -204,7 +205,7 @@ def bench(
             kind = synthetic or {"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")
             paths = synthesize(kind, n, Path(tmp) / "inputs")
         cfg = RunConfig(task=task_of(model), model=model, inputs=list(paths), preset=preset, overrides=overrides,
-                        weights=weights, device=device, batch_size=batch_size, workers=workers)
+                        weights=weights, device=device, batch_size=batch_size, workers=workers, maps=maps)
         result = measure(cfg, list(paths), repeats, warmup)
     text = json.dumps(result, indent=2)
     typer.echo(text)

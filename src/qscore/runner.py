@@ -297,6 +297,7 @@ def _score(
     }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    model.maps = cfg.maps or cfg.save_npz
     engine = _Engine(cfg, model, device, sink, base, stats, totals)
     t0 = time.perf_counter()
     with Progress(len(todo), enabled=cfg.progress, quiet=cfg.quiet) as progress:

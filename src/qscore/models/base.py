@@ -111,6 +111,9 @@ class Model(nn.Module):
     spec: ClassVar[ModelSpec]
     Config: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]]
+    # postprocess builds heatmaps and other maps only when set; the runner clears it for
+    # `--no-maps` without `--npz` (scores do not change, so it is not part of the config)
+    maps: bool = True
 
     def __init__(self, config: Any):
         super().__init__()

@@ -267,7 +267,7 @@ class CLiFVQA(Model):
             whole=c.variant == "decoupled",
             fragment_grid=c.fragment_grid,
             fragment_patch=c.fragment_patch,
-            keep_frame=c.heatmap and not train,
+            keep_frame=c.heatmap and self.maps and not train,
             max_side=c.max_side,
             seed=c.seed,
             train=train,

@@ -620,8 +620,11 @@ class RSFIQA(Model):
                 **{f"rating_{d}": float(v) for d, v in zip(DIMENSIONS, ratings)},
                 "largest_region": label_of(int(outputs["content"][i, int(area.argmax())])),
             }
-            heat = self.heatmap(outputs["attention"][i], sample)
-            results.append(Output(columns, {"heatmap": overlay_on(sample, heat)}, {"heatmap": heat}))
+            if self.maps:
+                heat = self.heatmap(outputs["attention"][i], sample)
+                results.append(Output(columns, {"heatmap": overlay_on(sample, heat)}, {"heatmap": heat}))
+            else:
+                results.append(Output(columns))
         return results
 
     def heatmap(self, attention: Tensor, sample: Sample) -> np.ndarray:
