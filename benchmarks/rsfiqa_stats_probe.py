@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from scipy.stats import spearmanr
 
+from qscore.media.image import load_image
 from qscore.models.rsfiqa import DIMENSIONS, MEASURED, MeasuredDescriber
 
 parser = argparse.ArgumentParser()
@@ -25,7 +25,7 @@ def features(csv: str) -> tuple[np.ndarray, np.ndarray]:
     rows = pd.read_csv(Path(args.data) / csv)
     out = []
     for path in rows.path:
-        image = torch.from_numpy(np.array(Image.open(Path(args.data) / path).convert("RGB"))).permute(2, 0, 1)
+        image = torch.from_numpy(load_image(str(Path(args.data) / path))[0]).permute(2, 0, 1)
         e, _ = describe(image, torch.zeros(image.shape[1:], dtype=torch.long), 1)
         out.append(e[0].numpy())
     return np.stack(out), rows.mos.to_numpy()

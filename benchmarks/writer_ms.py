@@ -34,14 +34,14 @@ for maps in (True, False):
     model.maps = maps
     best = {"postprocess": float("inf"), "write": float("inf")}
     for _ in range(3):
-        out = Path(tempfile.mkdtemp())
-        t0 = time.perf_counter()
-        results = model.postprocess(outputs, samples)
-        t1 = time.perf_counter()
-        for sample, result in zip(samples, results):
-            if maps:
-                write_artefacts(out, sample.item.rel_path, result.artefacts)
-        t2 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            results = model.postprocess(outputs, samples)
+            t1 = time.perf_counter()
+            for sample, result in zip(samples, results):
+                if maps:
+                    write_artefacts(Path(out), sample.item.rel_path, result.artefacts)
+            t2 = time.perf_counter()
         best = {"postprocess": min(best["postprocess"], t1 - t0), "write": min(best["write"], t2 - t1)}
     per = {k: round(1e3 * v / len(samples), 1) for k, v in best.items()}
     print(f"maps={maps}: postprocess {per['postprocess']} ms + write {per['write']} ms per image")
