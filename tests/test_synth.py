@@ -102,7 +102,120 @@ def test_forgery_mask_is_exactly_the_changed_pixels():
         assert sample.forged.shape == sample.reference.shape and sample.mask.shape == sample.reference.shape[:2]
         np.testing.assert_array_equal(sample.mask, np.any(sample.forged != sample.reference, axis=-1))
         assert sample.mask.any() == (sample.kind != "authentic")
-    assert kinds == {"splice", "copymove", "authentic"}
+    assert kinds == {"splice", "copymove", "inpaint", "authentic"}
+
+
+def test_inpainting_removes_a_segment_with_an_exact_mask():
+    photos = synth.segmented_photos(PRISTINE)
+    seen = 0
+    for i in range(40):  # the samples of this task's generator that are inpaintings
+        (p, s), (d, ds) = photos[i], photos[i + 100]
+        task = synth.ForgeryTask(i, 0, str(p), str(s), str(d), str(ds), "train", "", authentic_fraction=0.0)
+        rng = np.random.default_rng([7, i])
+        sample = synth.make_forgery_sample(task, rng)
+        if sample.kind != "inpaint":
+            continue
+        seen += 1
+        np.testing.assert_array_equal(sample.mask, np.any(sample.forged != sample.reference, axis=-1))
+        assert sample.mask.any()
+        # the change is one BSDS segment (grown by the 2 px outline), nearly all of it repainted
+        rng = np.random.default_rng([7, i])
+        rng.random()  # the kind draw
+        region = synth.pick_object(synth._labels(str(s)), rng)
+        grown = synth.binary_dilation(region, iterations=2)
+        assert not (sample.mask & ~grown).any()
+        assert sample.mask[region].mean() > 0.9
+        np.testing.assert_array_equal(sample.forged[~grown], sample.reference[~grown])
+        # a fill from the surroundings, with grain: not the object, not a flat smear
+        ref, fake = sample.reference.astype(float), sample.forged.astype(float)
+        assert np.abs(fake - ref)[region].mean() > 2
+        highpass = lambda x: x - synth.gaussian_filter(x, sigma=(1.5, 1.5, 0))  # noqa: E731
+        inner = synth.binary_dilation(~grown, iterations=3, border_value=1) ^ True  # away from the hole's edge
+        if inner.sum() > 200:
+            assert np.abs(highpass(fake)[inner]).mean() > 0.5
+    assert seen >= 8
+
+
+def test_inpainting_is_fast_enough():
+    import time
+
+    photos = synth.segmented_photos(PRISTINE)
+    times = []
+    for i in range(0, 200, 20):
+        image, segments = synth._rgb(str(photos[i][0])), synth._labels(str(photos[i][1]))
+        rng = np.random.default_rng(i)
+        region = synth.pick_region(segments, rng, 0.1, 0.25)  # big holes: solved at a reduced resolution
+        start = time.perf_counter()
+        out = synth.inpaint(image, region, rng)
+        times.append(time.perf_counter() - start)
+        assert np.any(out != image, axis=-1)[region].mean() > 0.9
+    assert np.median(times) < 0.6, times  # ~0.1 s on an idle core; generous for busy machines
+
+
+def test_jpeg_option_recompresses_every_image(tmp_path):
+    from qscore.cli import app
+
+    result = CliRunner().invoke(app, ["synth", "forgery", "--out", str(tmp_path / "j"), "--n", "8", "--seed", "3",
+                                      "--jpeg", "1", "--authentic", "0.25", "--pristine", str(PRISTINE), "--workers", "0",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    table = rows(tmp_path / "j" / "labels.csv")
+    assert {r["kind"] for r in table} >= {"authentic"} and len(table) == 8
+    for r in table:
+        assert r["forged"].endswith(".jpg") and "jpeg:" in r["post"], r
+        with Image.open(tmp_path / "j" / r["forged"]) as im:
+            assert im.format == "JPEG"
+    never = rows(synth.generate_forgery(tmp_path / "p", 8, seed=3, pristine=PRISTINE, authentic_fraction=0.25,
+                                        workers=0, jpeg=0.0))
+    assert all(r["forged"].endswith(".png") and "jpeg" not in r["post"] for r in never)
+    for a, b in zip(table, never):  # the same seed: the same sources, splits and edits, only the JPEG differs
+        assert [a[k] for k in ("kind", "source", "donor", "split", "mask")] == [b[k] for k in ("kind", "source", "donor", "split", "mask")]
+        if a["mask"]:
+            assert (tmp_path / "j" / a["mask"]).read_bytes() == (tmp_path / "p" / b["mask"]).read_bytes()
+    with pytest.raises(synth.SynthError, match="--jpeg"):
+        synth.generate_forgery(tmp_path / "x", 1, pristine=PRISTINE, workers=0, jpeg=1.5)
+
+
+def test_video_clips_are_held_out_by_split_and_deterministic(tmp_path):
+    clips = PRISTINE.parent / "video"
+    if not clips.is_dir():
+        pytest.skip("needs ../shared/data/video")
+    kw = dict(seed=1, pristine=PRISTINE, clips=clips, clip_fraction=0.5, **SMALL)
+    labels = synth.generate_video(tmp_path / "a", 12, workers=0, **kw)
+    synth.generate_video(tmp_path / "b", 12, workers=2, **kw)  # same bytes in a pool
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    table = rows(labels)
+    from_clips = [r for r in table if r["source"].endswith(".mp4")]
+    assert len(from_clips) == 6 and all(r["start"] != "" for r in from_clips)
+    assert all(r["start"] == "" for r in table if r not in from_clips)
+    assert {r["source"] for r in from_clips} == {"bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"}  # no *distorted*
+    split_of = {}
+    for r in table:  # no source clip (or photo) in two splits
+        assert split_of.setdefault(r["source"], r["split"]) == r["split"], r
+    assert sorted(split_of[c] for c in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")) == ["test", "train", "val"]
+    for r in from_clips:
+        assert decode(tmp_path / "a" / r["path"]).shape == (8, 48, 64, 3)
+        assert float(r["mos"]) == pytest.approx(synth.video_mos({k: int(v) for k, v in (kv.split(":") for kv in r["distortions"].split(";") if kv)}), abs=1e-6)
+    none = rows(synth.generate_video(tmp_path / "c", 4, workers=0, **{**kw, "clips": "none"}))
+    assert not any(r["source"].endswith(".mp4") for r in none)
+    with pytest.raises(synth.SynthError, match="--clips"):
+        synth.generate_video(tmp_path / "d", 2, workers=0, **{**kw, "clips": tmp_path / "missing"})
+
+
+def test_clip_window_follows_the_clip_and_plays_back_when_short():
+    path = str(PRISTINE.parent / "video" / "carphone_pristine.mp4")
+    if not Path(path).is_file():
+        pytest.skip("needs ../shared/data/video")
+    source = synth.decoded_clip(path, (64, 48))
+    n = len(source)
+    frames, start = synth.clip_window(path, (64, 48), 10, np.random.default_rng(0))
+    assert frames.shape == (10, 48, 64, 3) and 0 <= start <= n - 10
+    diffs = [np.abs(frames[t + 1].astype(float) - frames[t]).mean() for t in range(9)]
+    assert 0 < max(diffs)  # real motion, not a still
+    long, start = synth.clip_window(path, (64, 48), n + 10, np.random.default_rng(0))
+    assert start == 0 and len(long) == n + 10
+    np.testing.assert_array_equal(long[n], long[n - 2])  # back and forth past the last frame
+    np.testing.assert_array_equal(long[n + 9], long[n - 11])
 
 
 def test_forgery_files_labels_and_determinism(tmp_path):
@@ -138,6 +251,7 @@ def test_synth_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(rows(tmp_path / "v" / "labels.csv")) == 2
     for args, message in ((["bogus"], "'video' or 'forgery'"), (["video", "--size", "63x48"], "--size"),
+                          (["forgery", "--jpeg", "2"], "--jpeg"), (["video", "--clips", str(tmp_path / "none-here")], "--clips"),
                           (["forgery", "--pristine", str(tmp_path)], "no BSDS500"), (["video", "--size", "big"], "WxH")):
         result = cli.invoke(app, ["synth", *args, "--out", str(tmp_path / "x"), "--n", "1", "--workers", "0"])
         assert result.exit_code == 2 and message in result.output and result.output.count("qscore:") == 1, result.output

@@ -124,7 +124,7 @@ def eval_command(
 
 
 def synth_command(
-    kind: Annotated[str, typer.Argument(help="video (distorted clips + MOS) or forgery (splices, copy-moves, masks).", show_default=False)],
+    kind: Annotated[str, typer.Argument(help="video (distorted clips + MOS) or forgery (splices, copy-moves, inpaintings, masks).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (labels.csv, train/val/test.csv, media).", show_default=False)],
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="Number of samples.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same files.")] = 0,
@@ -133,21 +133,28 @@ def synth_command(
     size: Annotated[str, typer.Option("--size", help="video: frame size WxH (even numbers).")] = "320x240",
     frames: Annotated[int, typer.Option("--frames", min=1, help="video: frames per clip.")] = 48,
     fps: Annotated[int, typer.Option("--fps", min=1, help="video: frame rate.")] = 24,
+    clips: Annotated[str, typer.Option("--clips", help="video: folder of real clips to take frame windows from (*distorted* skipped); auto = the video/ folder beside --pristine if there; none = photos only.")] = "auto",
+    clip_fraction: Annotated[float, typer.Option("--clip-fraction", help="video: fraction of samples taken from --clips (when there are clips).")] = 0.2,
     authentic: Annotated[float, typer.Option("--authentic", help="forgery: fraction of authentic (unmanipulated) samples.")] = 0.2,
+    jpeg: Annotated[float, typer.Option("--jpeg", help="forgery: probability of JPEG re-compression (quality 65-95) after the edit; 1 = every image.")] = 0.5,
     quiet: Quiet = False,
 ) -> None:
-    """Generate synthetic labelled data from pristine photos (deterministic for a seed).
+    """Generate synthetic labelled data from pristine photos and clips (deterministic for a seed).
 
-    video: camera pans/zooms over BSDS500 and Kodak photos, with graded blur, noise,
-    compression, stutter, flicker and exposure; mos = prod(1 - severity) in [0, 1].
-    forgery: splices and copy-moves shaped by BSDS500 segments with exact masks, plus authentic
-    negatives; random JPEG / resize / blur afterwards. Both split train/val/test by source photo.
+    video: camera pans/zooms over BSDS500 and Kodak photos, and (--clip-fraction, default 20 %)
+    frame windows of real clips (--clips), with graded blur, noise, compression, stutter,
+    flicker and exposure; mos = prod(1 - severity) in [0, 1].
+    forgery: splices, copy-moves and inpaintings (a segment removed and filled from its
+    surroundings) shaped by BSDS500 segments with exact masks, plus authentic negatives; random
+    JPEG (--jpeg) / resize / blur afterwards. Both split train/val/test by source photo / clip.
 
     Examples:
 
       qscore synth video --out data/synth-video --n 300 --seed 0
 
       qscore synth forgery --out data/synth-forgery --n 400 --authentic 0.25
+
+      qscore synth forgery --out data/synth-forgery-jpeg --n 400 --authentic 0.25 --jpeg 1   (same seed: its test.csv is held out)
 
       qscore train mvqa --labels data/synth-video/train.csv --val data/synth-video/val.csv --out runs/mvqa
     """
@@ -162,9 +169,10 @@ def synth_command(
                 w, h = (int(v) for v in size.lower().split("x"))
             except ValueError:
                 _usage(f"--size expects WxH, e.g. 320x240, not {size!r}")
-            labels = _guard(synth.generate_video, out, n, seed, pristine, (w, h), frames, fps, workers, tick)
+            labels = _guard(synth.generate_video, out, n, seed, pristine, (w, h), frames, fps, workers, tick, clips,
+                            clip_fraction)
         else:
-            labels = _guard(synth.generate_forgery, out, n, seed, pristine, authentic, workers, tick)
+            labels = _guard(synth.generate_forgery, out, n, seed, pristine, authentic, workers, tick, jpeg)
     typer.echo(f"wrote {n} {kind} samples; labels: {labels} (splits: train.csv, val.csv, test.csv beside it)")
 
 

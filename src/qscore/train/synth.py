@@ -5,19 +5,25 @@ dataset (`qscore synth video|forgery`).
   (blur, noise, compression, stutter, flicker, exposure; level 1-5 each). Its score is
   ``mos = prod_k (1 - severity[k][level_k])`` in [0, 1], 1 = pristine: a fixed, monotone
   function of the levels (the table is ours, not a perceptual study).
-- Forgery: splices (a BSDS segment from another photo) and copy-moves (a segment of the same
-  photo moved elsewhere), the mask being exactly the pixels that changed before
-  post-processing; plus authentic negatives. JPEG / resize / blur are then applied at random to
-  every forged or authentic image (mask resized alongside, reference left pristine).
+  A fraction of the clips (``clip_fraction``) are instead windows of frames from real clips
+  (``--clips``, e.g. ../shared/data/video) cropped to the frame size, with the same
+  distortions and score.
+- Forgery: splices (a BSDS segment from another photo), copy-moves (a segment of the same
+  photo moved elsewhere) and inpaintings (a segment removed and filled from its surroundings
+  by biharmonic inpainting plus matching grain), the mask being exactly the pixels that changed
+  before post-processing; plus authentic negatives. JPEG (probability ``jpeg``) / resize / blur
+  are then applied at random to every forged or authentic image (mask resized alongside,
+  reference left pristine).
 
 Every sample draws from its own ``np.random.default_rng([seed, kind, index])``, so output does
-not depend on the number of workers. Splits are by source photo (a photo's samples all land in
-one of train/val/test; splice donors come from the same split).
+not depend on the number of workers. Splits are by source (a photo's or a clip's samples all
+land in one of train/val/test; splice donors come from the same split).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import multiprocessing
 import os
@@ -27,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageFilter
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import binary_dilation, gaussian_filter
 
 from qscore import __version__
 
@@ -53,6 +59,9 @@ SEVERITY = {
 }
 CLEAN_CRF = 16
 LEVELS = 5
+CLIP_FRACTION = 0.2  # default share of video samples taken from real clips (when there are clips)
+FORGERY_KINDS = ("splice", "copymove", "inpaint")  # equally likely among the forged samples
+INPAINT_MAX_PIXELS = 4000  # larger holes are inpainted at a reduced resolution (speed)
 
 
 class SynthError(ValueError):
@@ -69,6 +78,28 @@ def pristine_photos(root: str | os.PathLike) -> list[Path]:
     return photos
 
 
+CLIP_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm")
+
+
+def source_clips(clips: str | os.PathLike | None, pristine: str | os.PathLike = DEFAULT_PRISTINE) -> list[Path]:
+    """The real clips to take windows from, sorted; names containing 'distorted' are skipped.
+    ``clips``: a folder; "auto" = the ``video`` folder beside ``pristine`` if there (else no
+    clips); None or "none" = no clips."""
+    if clips is None or str(clips).lower() == "none":
+        return []
+    auto = str(clips).lower() == "auto"
+    folder = Path(pristine).parent / "video" if auto else Path(clips)
+    if not folder.is_dir():
+        if auto:
+            return []
+        raise SynthError(f"--clips {folder}: not a folder (use --clips none for photos only)")
+    found = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in CLIP_SUFFIXES and "distorted" not in p.name.lower() and p.is_file())
+    if not found and not auto:
+        raise SynthError(f"--clips {folder}: no video files ({', '.join(CLIP_SUFFIXES)}; *distorted* skipped)")
+    return found
+
+
 def segmented_photos(root: str | os.PathLike) -> list[tuple[Path, Path]]:
     """(photo, segment label map) pairs of BSDS500, sorted."""
     images = Path(root) / "bsds500" / "images"
@@ -79,10 +110,11 @@ def segmented_photos(root: str | os.PathLike) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def source_order(n_sources: int, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+def source_order(n_sources: int, n: int, seed: int, stream: int = 0) -> tuple[np.ndarray, list[str]]:
     """Sample i uses source ``order[i % len(order)]``; ``split[j]`` is the split of the j-th
-    source in that order (70/15/15 of the sources used, at least one each when possible)."""
-    order = np.random.default_rng([seed, 0]).permutation(n_sources)
+    source in that order (70/15/15 of the sources used, at least one each when possible).
+    ``stream`` keeps the orders of different source pools (photos, clips) independent."""
+    order = np.random.default_rng([seed, 0] if stream == 0 else [seed, 0, stream]).permutation(n_sources)
     used = min(n, n_sources)
     n_val = n_test = max(1, round(0.15 * used)) if used >= 3 else 0
     split = ["train"] * (used - n_val - n_test) + ["val"] * n_val + ["test"] * n_test
@@ -104,12 +136,13 @@ def video_mos(distortions: dict[str, int]) -> float:
 class VideoTask:
     index: int
     seed: int
-    photo: str
+    photo: str  # the source: a photo, or a real clip when ``clip``
     split: str
     out: str
     size: tuple[int, int]  # (W, H)
     frames: int
     fps: int
+    clip: bool = False
 
 
 def plan_distortions(rng: np.random.Generator) -> dict[str, int]:
@@ -138,6 +171,53 @@ def camera_move(photo: Image.Image, size: tuple[int, int], frames: int, rng: np.
         bx, by, bw, bh = x0 + s * (x1 - x0), y0 + s * (y1 - y0), w0 + s * (w1 - w0), h0 + s * (h1 - h0)
         out[t] = np.asarray(photo.resize(size, Image.BICUBIC, box=(bx, by, bx + bw, by + bh)))
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def decoded_clip(path: str, size: tuple[int, int]) -> tuple[Image.Image, ...]:
+    """Every frame of a clip (PyAV), cached per process (clips with one keyframe cannot be
+    seeked cheaply). Frames much larger than ``size`` needs are stored downscaled to 1.5x the
+    size that covers it, which bounds memory (about 80 MB for bigbuckbunny's 132 720p frames at
+    224x224); decoding and scaling are deterministic like the rest."""
+    import av
+
+    frames = []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            scale = 1.5 * max(size[0] / frame.width, size[1] / frame.height)
+            if scale < 1.0:  # swscale's area filter: ~free next to decoding, 3x faster than PIL
+                frame = frame.reformat(width=max(1, round(frame.width * scale)), height=max(1, round(frame.height * scale)),
+                                       format="rgb24", interpolation="AREA")
+            frames.append(frame.to_image())
+    if not frames:
+        raise SynthError(f"{path}: no video frames decoded")
+    return tuple(frames)
+
+
+def clip_window(path: str, size: tuple[int, int], frames: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """``frames`` consecutive frames of a real clip from a random start (played back and forth
+    when the clip is shorter), through one random crop (zoom 1.0-1.3 of the largest window of
+    the output's aspect, maybe mirrored) resized to ``size`` (W, H): uint8 (T, H, W, 3) and the
+    start frame."""
+    source = decoded_clip(path, tuple(size))
+    n = len(source)
+    start = int(rng.integers(0, max(1, n - frames + 1)))
+    period = max(1, 2 * n - 2)
+    idx = [(start + t) % period for t in range(frames)]
+    idx = [i if i < n else period - i for i in idx]
+    w, h = source[0].size
+    aspect = size[0] / size[1]
+    full_w = min(w, h * aspect)
+    bw = full_w / rng.uniform(1.0, 1.3)
+    bh = bw / aspect
+    bx, by = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+    mirror = rng.random() < 0.5
+    out = np.empty((frames, size[1], size[0], 3), np.uint8)
+    for t, i in enumerate(idx):
+        picture = np.asarray(source[i].resize(tuple(size), Image.BICUBIC, box=(bx, by, bx + bw, by + bh)))
+        out[t] = picture[:, ::-1] if mirror else picture
+    return out, start
 
 
 def distort(frames: np.ndarray, distortions: dict[str, int], rng: np.random.Generator) -> np.ndarray:
@@ -180,8 +260,12 @@ def make_video(task: VideoTask) -> dict:
     """Render, distort and encode one clip; returns its label row."""
     rng = np.random.default_rng([task.seed, 1, task.index])
     distortions = plan_distortions(rng)
-    with Image.open(task.photo) as im:
-        frames = camera_move(im.convert("RGB"), task.size, task.frames, rng)
+    start = ""
+    if task.clip:
+        frames, start = clip_window(task.photo, task.size, task.frames, rng)
+    else:
+        with Image.open(task.photo) as im:
+            frames = camera_move(im.convert("RGB"), task.size, task.frames, rng)
     frames = distort(frames, distortions, rng)
     rel = f"clips/{task.index:05d}_{Path(task.photo).stem}.mp4"
     crf = VIDEO_PARAMS["compression"][distortions["compression"] - 1] if "compression" in distortions else CLEAN_CRF
@@ -192,6 +276,7 @@ def make_video(task: VideoTask) -> dict:
         "source": Path(task.photo).name,
         "split": task.split,
         "distortions": ";".join(f"{k}:{v}" for k, v in sorted(distortions.items())),
+        "start": start,  # first frame of the window (clip sources)
     }
 
 
@@ -205,23 +290,41 @@ def generate_video(
     fps: int = 24,
     workers: int = -1,
     progress: Callable[[int], None] | None = None,
+    clips: str | os.PathLike | None = "auto",
+    clip_fraction: float = CLIP_FRACTION,
 ) -> Path:
     """Write ``n`` clips under ``out/clips`` plus labels.csv (all columns) and
-    train/val/test.csv (``path,mos``); returns labels.csv."""
+    train/val/test.csv (``path,mos``); returns labels.csv. ``round(clip_fraction * n)`` of the
+    samples are windows of the real clips under ``clips`` (see ``source_clips``), the rest pan +
+    zoom over photos; each photo and each clip belongs to one split."""
     _check_n(n)
     if min(size) < 16 or any(v % 2 for v in size):
         raise SynthError(f"--size must be even and at least 16x16 (H.264 4:2:0), got {size[0]}x{size[1]}")
     if frames < 1 or fps < 1:
         raise SynthError("--frames and --fps must be positive")
-    photos = pristine_photos(pristine)
-    order, split = source_order(len(photos), n, seed)
+    if not 0 <= clip_fraction <= 1:
+        raise SynthError(f"--clip-fraction must be in [0, 1], got {clip_fraction}")
+    videos = source_clips(clips, pristine)
+    n_clip = round(clip_fraction * n) if videos else 0
+    from_clip = np.zeros(n, bool)
+    from_clip[np.random.default_rng([seed, 4]).permutation(n)[:n_clip]] = True
+    photos = pristine_photos(pristine) if n_clip < n else []
+    order, split = source_order(len(photos), n - n_clip, seed) if photos else (None, None)
+    clip_order, clip_split = source_order(len(videos), n_clip, seed, stream=1) if n_clip else (None, None)
     (Path(out) / "clips").mkdir(parents=True, exist_ok=True)
-    tasks = []
+    tasks, k_photo, k_clip = [], 0, 0
     for i in range(n):
-        j, s = sample_source(i, order, split)
-        tasks.append(VideoTask(i, seed, str(photos[j]), s, str(out), tuple(size), frames, fps))
+        if from_clip[i]:
+            j, s = sample_source(k_clip, clip_order, clip_split)
+            tasks.append(VideoTask(i, seed, str(videos[j]), s, str(out), tuple(size), frames, fps, clip=True))
+            k_clip += 1
+        else:
+            j, s = sample_source(k_photo, order, split)
+            tasks.append(VideoTask(i, seed, str(photos[j]), s, str(out), tuple(size), frames, fps))
+            k_photo += 1
     rows = _map(make_video, tasks, workers, progress)
     params = {"kind": "video", "n": n, "seed": seed, "size": list(size), "frames": frames, "fps": fps,
+              "clips": [p.name for p in videos], "clip_samples": n_clip,
               "severity": SEVERITY, "params": VIDEO_PARAMS, "clean_crf": CLEAN_CRF}
     return _write_tables(Path(out), rows, ("path", "mos"), params)
 
@@ -238,6 +341,7 @@ class ForgeryTask:
     split: str
     out: str
     authentic_fraction: float
+    jpeg: float = 0.5  # probability of JPEG re-compression after the edit
 
 
 @dataclass
@@ -245,7 +349,7 @@ class Forgery:
     """One sample before post-processing: reference and forged uint8 (H, W, 3), mask bool
     (H, W) = exactly the pixels where forged differs from reference."""
 
-    kind: str  # splice | copymove | authentic
+    kind: str  # splice | copymove | inpaint | authentic
     reference: np.ndarray
     forged: np.ndarray
     mask: np.ndarray
@@ -282,24 +386,80 @@ def paste(target: np.ndarray, donor: np.ndarray, region: np.ndarray, rng: np.ran
     return forged
 
 
+def pick_object(segments: np.ndarray, rng: np.random.Generator, lo: float = 0.01, hi: float = 0.12) -> np.ndarray:
+    """A random segment covering lo..hi of the photo that does not touch the border (object-like),
+    else any segment as ``pick_region`` picks it: bool (H, W)."""
+    ids, counts = np.unique(segments, return_counts=True)
+    frac = counts / segments.size
+    border = np.unique(np.concatenate([segments[0], segments[-1], segments[:, 0], segments[:, -1]]))
+    fitting = ids[(frac >= lo) & (frac <= hi) & ~np.isin(ids, border)]
+    if not fitting.size:
+        return pick_region(segments, rng, lo, hi)
+    return segments == rng.choice(fitting)
+
+
+def inpaint(image: np.ndarray, region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Remove ``region`` (grown by 2 px so the object's outline goes too) from a copy of ``image``
+    and fill it from its surroundings: scikit-image's biharmonic inpainting (on a crop around the
+    hole, downscaled when the hole has over INPAINT_MAX_PIXELS pixels, the fill then upscaled),
+    plus grain matching the surroundings' fine texture so the fill is not a flat smear."""
+    from skimage.restoration import inpaint_biharmonic
+
+    hole = binary_dilation(region, iterations=2)
+    ys, xs = np.nonzero(hole)
+    h, w = hole.shape
+    pad = 16
+    y0, y1, x0, x1 = max(0, ys.min() - pad), min(h, ys.max() + pad + 1), max(0, xs.min() - pad), min(w, xs.max() + pad + 1)
+    crop, hole_c = image[y0:y1, x0:x1], hole[y0:y1, x0:x1]
+    ch, cw = hole_c.shape
+    scale = min(1.0, float(np.sqrt(INPAINT_MAX_PIXELS / hole_c.sum())))
+    if scale < 1.0:  # solve on a box-downscaled crop; any pixel touching the hole is unknown there
+        small = (max(4, round(cw * scale)), max(4, round(ch * scale)))
+        known = np.asarray(Image.fromarray(crop).resize(small, Image.BOX), np.float64) / 255
+        hole_s = np.asarray(Image.fromarray(hole_c.astype(np.float32)).resize(small, Image.BOX)) > 0
+        filled_s = inpaint_biharmonic(known, hole_s, channel_axis=-1).astype(np.float32)
+        fill = np.stack([np.asarray(Image.fromarray(filled_s[..., c], "F").resize((cw, ch), Image.BICUBIC))
+                         for c in range(3)], axis=-1) * 255
+    else:
+        fill = inpaint_biharmonic(crop / 255.0, hole_c, channel_axis=-1).astype(np.float32) * 255
+    # grain: the robust (MAD) std of the surroundings' high-pass residual, per channel
+    x = crop.astype(np.float32)
+    ring = binary_dilation(hole_c, iterations=8) & ~hole_c
+    residual = (x - gaussian_filter(x, sigma=(1.5, 1.5, 0)))[ring]
+    std = 1.4826 * np.median(np.abs(residual - np.median(residual, axis=0)), axis=0) * rng.uniform(0.8, 1.1)
+    noise = 0.8 * rng.standard_normal((ch, cw, 1)) + 0.6 * rng.standard_normal((ch, cw, 3))
+    noise = gaussian_filter(noise.astype(np.float32), sigma=(0.6, 0.6, 0))
+    noise /= max(float(noise.std()), 1e-6)
+    out = image.copy()
+    out[y0:y1, x0:x1][hole_c] = np.clip(np.rint(fill + noise * std), 0, 255).astype(np.uint8)[hole_c]
+    return out
+
+
 def make_forgery_sample(task: ForgeryTask, rng: np.random.Generator) -> Forgery:
-    """The forgery before post-processing (kind drawn from ``rng``)."""
+    """The forgery before post-processing (kind drawn from ``rng``: authentic with probability
+    ``authentic_fraction``, else splice / copy-move / inpaint equally)."""
     reference = _rgb(task.photo)
     r = rng.random()
     if r < task.authentic_fraction:
         return Forgery("authentic", reference, reference.copy(), np.zeros(reference.shape[:2], bool))
-    if r < task.authentic_fraction + (1 - task.authentic_fraction) / 2:
-        kind, donor, segments = "splice", _rgb(task.donor), _labels(task.donor_segments)
+    u = (r - task.authentic_fraction) / max(1e-12, 1 - task.authentic_fraction)
+    kind = FORGERY_KINDS[min(len(FORGERY_KINDS) - 1, int(u * len(FORGERY_KINDS)))]
+    if kind == "inpaint":
+        forged = inpaint(reference, pick_object(_labels(task.segments), rng), rng)
     else:
-        kind, donor, segments = "copymove", reference, _labels(task.segments)
-    forged = paste(reference, donor, pick_region(segments, rng), rng, avoid=kind == "copymove")
+        if kind == "splice":
+            donor, segments = _rgb(task.donor), _labels(task.donor_segments)
+        else:
+            donor, segments = reference, _labels(task.segments)
+        forged = paste(reference, donor, pick_region(segments, rng), rng, avoid=kind == "copymove")
     mask = np.any(forged != reference, axis=-1)
     return Forgery(kind if mask.any() else "authentic", reference, forged, mask)
 
 
-def post_process(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray, list[str], int | None]:
-    """Random resize (p .25), blur (p .25), JPEG (p .5) of the forged image; the mask follows
-    the resize. Returns (image, mask, ops, jpeg quality or None)."""
+def post_process(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                 jpeg: float = 0.5) -> tuple[Image.Image, np.ndarray, list[str], int | None]:
+    """Random resize (p .25), blur (p .25), JPEG quality 65-95 (p ``jpeg``) of the forged image;
+    the mask follows the resize. Returns (image, mask, ops, jpeg quality or None)."""
     img, ops = Image.fromarray(image), []
     if rng.random() < 0.25:
         s = rng.uniform(0.6, 0.9)
@@ -311,7 +471,7 @@ def post_process(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) 
         sigma = rng.uniform(0.4, 1.2)
         img = img.filter(ImageFilter.GaussianBlur(sigma))
         ops.append(f"blur:{sigma:.2f}")
-    quality = int(rng.integers(65, 96)) if rng.random() < 0.5 else None
+    quality = int(rng.integers(65, 96)) if rng.random() < jpeg else None
     if quality:
         ops.append(f"jpeg:{quality}")
     return img, mask, ops, quality
@@ -321,7 +481,7 @@ def make_forgery(task: ForgeryTask) -> dict:
     """Make, post-process and save one sample; returns its label row."""
     rng = np.random.default_rng([task.seed, 2, task.index])
     sample = make_forgery_sample(task, rng)
-    image, mask, ops, quality = post_process(sample.forged, sample.mask, rng)
+    image, mask, ops, quality = post_process(sample.forged, sample.mask, rng, task.jpeg)
     out, stem = Path(task.out), f"{task.index:05d}"
     forged = f"forged/{stem}_{sample.kind}.{'jpg' if quality else 'png'}"
     reference, mask_rel = f"reference/{stem}.png", f"mask/{stem}.png" if sample.kind != "authentic" else ""
@@ -350,12 +510,16 @@ def generate_forgery(
     authentic_fraction: float = 0.2,
     workers: int = -1,
     progress: Callable[[int], None] | None = None,
+    jpeg: float = 0.5,
 ) -> Path:
     """Write ``n`` samples under ``out/{forged,reference,mask}`` plus labels.csv (all columns)
-    and train/val/test.csv (``forged,reference,mask``); returns labels.csv."""
+    and train/val/test.csv (``forged,reference,mask``); returns labels.csv. ``jpeg``: the
+    probability that a forged or authentic image is JPEG re-compressed (1 = always)."""
     _check_n(n)
     if not 0 <= authentic_fraction <= 1:
         raise SynthError(f"--authentic must be in [0, 1], got {authentic_fraction}")
+    if not 0 <= jpeg <= 1:
+        raise SynthError(f"--jpeg must be a probability in [0, 1], got {jpeg}")
     photos = segmented_photos(pristine)
     order, split = source_order(len(photos), n, seed)
     for sub in ("forged", "reference", "mask"):
@@ -366,9 +530,10 @@ def generate_forgery(
         pool = [int(k) for k, ks in zip(order, split) if ks == s and k != j] or [j]
         d = pool[int(np.random.default_rng([seed, 3, i]).integers(len(pool)))]
         tasks.append(ForgeryTask(i, seed, str(photos[j][0]), str(photos[j][1]), str(photos[d][0]), str(photos[d][1]),
-                                 s, str(out), authentic_fraction))
+                                 s, str(out), authentic_fraction, jpeg))
     rows = _map(make_forgery, tasks, workers, progress)
-    params = {"kind": "forgery", "n": n, "seed": seed, "authentic_fraction": authentic_fraction}
+    params = {"kind": "forgery", "n": n, "seed": seed, "authentic_fraction": authentic_fraction,
+              "forged_kinds": list(FORGERY_KINDS), "jpeg": jpeg, "resize": 0.25, "blur": 0.25}
     return _write_tables(Path(out), rows, ("forged", "reference", "mask"), params)
 
 
