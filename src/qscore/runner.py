@@ -173,7 +173,11 @@ def pick_device(spec: str) -> torch.device:
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
-    """Model class + config + weights -> (model on device in eval mode, weights_id, head)."""
+    """Model class + config + weights -> (model on device in eval mode, weights_id, head).
+
+    Weights: ``--weights FILE`` or ``random``; else a trained head in the ``<model>-head`` slot;
+    else the starter checkpoint shipped in the package (``<model>-starter``, head "starter"),
+    unless another ``--preset`` is asked for; else the model's official weights."""
     from qscore.weights import Registry
 
     try:
@@ -184,33 +188,67 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
         raise UsageError(f"model {cfg.model!r} cannot be loaded: {e}") from e
     if cls.spec.task != cfg.task:
         raise UsageError(f"model {cfg.model!r} is a {cls.spec.task} model; use `qscore {cls.spec.task}`")
+    try:
+        reg = Registry.load(cfg.registry)
+        starter = reg.starter(cfg.model) if cfg.weights is None else None
+    except MissingWeights as e:
+        raise UsageError(str(e)) from e
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read weights registry: {e}") from e
+    weights, card = cfg.weights, None
+    if weights not in (None, "random"):
+        if not Path(weights).is_file():
+            raise UsageError(f"--weights {weights}: no such file (or use 'random')")
+        card = _card(Path(weights), f"--weights {weights}")
+    elif starter is not None:
+        card = _card(starter[1], starter[0])
+        if cfg.preset not in (None, card.get("preset")):
+            starter, card = None, None  # another preset asked for: the starter does not fit it
+        else:
+            weights = str(starter[1])
+    elif weights is None:
+        card = _head_card(reg, f"{cfg.model}-head")
     overrides = dict(cfg.overrides)
     preset = cfg.preset
-    if cfg.weights not in (None, "random"):
-        if not Path(cfg.weights).is_file():
-            raise UsageError(f"--weights {cfg.weights}: no such file (or use 'random')")
-        card_path = Path(cfg.weights).with_suffix(".json")
-        try:
-            card = json.loads(card_path.read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--weights {cfg.weights}: cannot read its card {card_path}: {e}") from e
+    if card is not None:
         preset = preset or card.get("preset")
         overrides = {**card.get("config", {}), **overrides}
     cfg.preset = preset or next(iter(cls.presets))  # a checkpoint's card names its preset
     if "seed" in {f.name for f in dataclasses.fields(cls.Config)}:
         overrides["seed"] = cfg.overrides.get("seed", cfg.seed)  # --seed drives per-file sampling
     try:
-        config = cls.make_config(cfg.preset, **overrides)
+        config = cls.settle(cls.make_config(cfg.preset, **overrides), reg)
         torch.manual_seed(cfg.seed)  # random weights are reproducible too
         model = cls(config)
-        weights_id, head = model.load(cfg.weights, Registry.load(cfg.registry))
+        weights_id, head = model.load(weights, reg)
     except MissingWeights as e:
         raise UsageError(str(e)) from e
     except OSError as e:
         raise UsageError(f"cannot read {e.filename}: {e.strerror}") from e
     except (ValueError, TypeError) as e:
         raise UsageError(f"{cfg.model}: {e}") from e
+    if starter is not None:
+        weights_id, head = f"{starter[0]}@{weights_id}", "starter"
     return model.to(device).eval(), weights_id, head
+
+
+def _head_card(reg: Any, key: str) -> dict | None:
+    """The card of the checkpoint in a model's head slot, if the slot holds one with a card (its
+    preset and config are the ones the head was trained with)."""
+    try:
+        path = reg.path(key) if key in reg.keys() and reg.entry(key).kind != "none" else None
+    except MissingWeights:
+        return None  # load_official reports it
+    return _card(path, key) if path is not None and path.with_suffix(".json").is_file() else None
+
+
+def _card(path: Path, what: str) -> dict:
+    """The JSON card beside a checkpoint (its preset and config)."""
+    card_path = path.with_suffix(".json")
+    try:
+        return json.loads(card_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what}: cannot read its card {card_path}: {e}") from e
 
 
 def run(cfg: RunConfig) -> int:

@@ -34,7 +34,7 @@ CORE_SCHEMA = pa.schema(
         ("mode", pa.string()),  # forgery: iml | ciml
         ("preset", pa.string()),
         ("weights_id", pa.string()),  # "random", "sha256:...", or a weights.toml key@hash
-        ("head", pa.string()),  # trained | zero-shot | random
+        ("head", pa.string()),  # trained | starter | zero-shot | random
         ("config_hash", pa.string()),
         ("seed", pa.int64()),  # the per-file seed used by any sampling randomness
         ("status", pa.string()),  # ok | error

@@ -142,6 +142,19 @@ class Registry:
             for e in self.entries.values()
         ]
 
+    def starter(self, model: str) -> tuple[str, Path] | None:
+        """``(key, file)`` of the starter checkpoint shipped for ``model`` (``<model>-starter``),
+        when no trained head is registered in the ``<model>-head`` slot; None otherwise. The
+        file is checked against its sha256 on every use (it is small)."""
+        head, key = f"{model}-head", f"{model}-starter"
+        if key not in self.entries or head in self.entries and self.entries[head].kind != "none":
+            return None
+        file = self.path(key)
+        entry = self.entries[key]
+        if entry.sha256 and file_sha256(file) != entry.sha256:
+            raise BadWeights(f"{key}: {file} has sha256 {file_sha256(file)}, weights.toml expects {entry.sha256}")
+        return key, file
+
     # ---- getting files --------------------------------------------------------------------------
     def path(self, key: str) -> Path:
         """The file for ``key``: from the cache, or downloaded (verified, then renamed in) when

@@ -138,6 +138,13 @@ class Model(nn.Module):
         values = {**cls.presets[preset], **overrides}
         return cls.Config(**{k: coerce(v, fields[k].type, fields[k].default) for k, v in values.items()})
 
+    @classmethod
+    def settle(cls, config: Any, registry: Any) -> Any:
+        """The config with the choices that depend on what is installed made (RSFIQA's
+        ``regions=auto``), before the model is built; the settled config is what the config
+        hash and a checkpoint's card record. Default: nothing to settle."""
+        return config
+
     def config_hash(self) -> str:
         """Hash of everything that changes a score; part of the resume key."""
         blob = json.dumps(

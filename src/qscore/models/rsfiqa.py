@@ -1,12 +1,12 @@
 """RSFIQA (arXiv 2508.07818): no-reference image quality from region-aware semantic attention.
 
-image -> SAM label map (``sam_regions``) -> per-region description (CLIP zero-shot ratings or a
+image -> label map (``sam_regions``: SAM, or SLIC where SAM's weights are not installed) -> per-region description (CLIP zero-shot ratings or a
 chat VLM) -> region embeddings e_r; any timm/torchvision backbone -> feature map F (C, h, w);
 RSA(F, label map, e) -> global attention map G (h, w) + pooled feature -> score.
 
 Where the work happens: the preparer (CPU workers) decodes, sizes the working image, hashes it
-and reads the region cache; on a miss it also resizes the image for SAM. ``forward`` (device)
-segments and describes the misses (and writes them to the cache), crops image and label map
+and reads the region cache; on a miss it also resizes the image for SAM (or partitions it with
+SLIC right there). ``forward`` (device) segments and describes the misses (and writes them to the cache), crops image and label map
 identically, and runs backbone + RSA. Scores average several crops at test time; the heatmap is
 G assembled over the crops, overlaid on the image at its original size.
 """
@@ -34,6 +34,7 @@ from qscore.models.sam_regions import (
     default_cache_dir,
     fingerprint,
     sam_input,
+    slic_label_map,
 )
 
 DIMENSIONS = ("colour", "noise", "artifact", "blur", "exposure", "overall")
@@ -60,6 +61,7 @@ class Config:
     crop_size: int = 384
     test_grid: int = 3  # test_grid x test_grid crops averaged at test time; must cover max_side
     max_side: int = 1024  # the working image's long side is at most this (its labels, crops)
+    regions: str = "auto"  # sam | slic | auto: sam where its weights are installed (tiny: always), else slic
     sam: str = "vit_b"  # vit_b | vit_l | vit_h | tiny
     points_per_side: int = 32
     pred_iou_thresh: float = 0.88
@@ -410,6 +412,7 @@ class Preparer:
     sam_size: int
     cache_root: str
     salt: str
+    rules: RegionRules | None = None  # set: partition misses here with SLIC instead of SAM
     train: bool = False
 
     def __call__(self, item: Item) -> Sample:
@@ -433,6 +436,8 @@ class Preparer:
         cached = cache.load(key)
         if cached is not None:
             inputs.update({k: torch.from_numpy(v) for k, v in cached.items()})
+        elif self.rules is not None:
+            inputs["partition"] = torch.from_numpy(slic_label_map(work, self.rules).astype(np.uint8))
         else:
             sam = sam_input(work, self.sam_size)
             inputs["sam_image"] = torch.tensor(sam).permute(2, 0, 1)
@@ -446,12 +451,13 @@ class RSFIQA(Model):
     spec = ModelSpec(
         name="rsfiqa",
         task="image",
-        summary="Region-aware semantic attention IQA: SAM regions, CLIP region ratings, any backbone",
+        summary="Region-aware semantic attention IQA: SAM (or SLIC) regions, CLIP or measured region ratings, any backbone",
         paper="arXiv:2508.07818",
         licence="Apache-2.0 (SAM weights); MIT (CLIP ViT-B/16 openai); heads: trained by qscore",
         weights_keys=("sam-vit-b", "sam-vit-l", "sam-vit-h", "clip-vit-b16-openai", "rsfiqa-head"),
         score_range="[0, 1], higher is better (normalised MOS of the training data)",
         columns={
+            "regions": pa.string(),  # the partition: sam-vit-b | sam-tiny | ... | slic
             "n_regions": pa.int32(),
             "top_region_weight": pa.float32(),
             **{f"rating_{d}": pa.float32() for d in DIMENSIONS},
@@ -468,9 +474,16 @@ class RSFIQA(Model):
             "min_region_frac": 0.01, "r_max": 8, "sam_points_per_batch": 64, "clip_arch": "tiny",
             "dim": 64, "region_layers": 1, "heads": 4, "lr": 5e-4, "backbone_lr_scale": 1.0,
         },
+        # the shipped starter: SAM's published rules (used where sam-vit-b is installed, else
+        # SLIC), measured region ratings, a small RSA and a ResNet-10 learned from scratch
+        "starter": {
+            "backbone": "resnet10t", "crop_size": 384, "test_grid": 3, "max_side": 512, "describer": "measured",
+            "dim": 64, "region_layers": 1, "heads": 4, "lr": 3e-4, "backbone_lr_scale": 1.0,
+        },
     }
 
     def __init__(self, config: Config):
+        config = self.settle(config, None)  # built without a registry: auto is SAM only for the tiny test SAM
         super().__init__(config)
         c = config
         if c.test_grid * c.crop_size < c.max_side:
@@ -480,7 +493,9 @@ class RSFIQA(Model):
         self.rules = RegionRules(
             c.points_per_side, c.pred_iou_thresh, c.stability_score_thresh, 1.0, c.box_nms_thresh, c.min_region_frac, c.r_max
         )
-        self.regions = SamRegions(build_sam(c.sam), self.rules, c.sam_points_per_batch)
+        if c.regions not in ("sam", "slic"):
+            raise ValueError(f"regions must be sam, slic or auto, got {c.regions!r}")
+        self.regions = SamRegions(build_sam(c.sam), self.rules, c.sam_points_per_batch) if c.regions == "sam" else None
         if c.describer == "measured":
             self.describer = MeasuredDescriber()
         elif c.describer in ("clip", "mllm"):
@@ -491,24 +506,43 @@ class RSFIQA(Model):
         self.backbone = Backbone(c.backbone, c.crop_size)
         self.rsa = RSA(self.backbone.channels, self.describer.dim, c.dim, c.region_layers, c.heads)
 
+    @classmethod
+    def settle(cls, config: Config, registry: Any) -> Config:
+        """``regions=auto``: SAM when its checkpoint is in the cache (the tiny test SAM needs
+        none), else SLIC; a random SAM gives almost no masks, so it is never the fallback."""
+        if config.regions != "auto":
+            return config
+        key = SAM_KEYS.get(config.sam)
+        installed = key is None or registry is not None and key in registry.keys() and registry.cache_path(key).is_file()
+        return dataclasses.replace(config, regions="sam" if installed else "slic")
+
+    @property
+    def partition(self) -> str:
+        """The ``regions`` column: which partition made the label maps."""
+        return f"sam-{self.config.sam.replace('_', '-')}" if self.regions is not None else "slic"
+
     # ---- CPU side ---------------------------------------------------------------------------------
     def cache(self) -> RegionCache:
         """The region cache. Its salt holds everything that changes a label map or a description
         besides the working image's pixels (which the key hashes): rules, names, weights."""
         c = self.config
-        frozen = {"sam": fingerprint(self.regions.sam), "describer": fingerprint(self.describer)}
+        frozen = {"sam": fingerprint(self.regions.sam) if self.regions is not None else "slic", "describer": fingerprint(self.describer)}
         names = {k: getattr(c, k) for k in ("sam", "describer", "clip_arch", "mllm")}
         salt = json.dumps([dataclasses.asdict(self.rules), names, frozen, PAIRS, CONTENT], sort_keys=True)
         return RegionCache(c.cache_dir or default_cache_dir(), salt)
 
     def preparer(self, train: bool = False) -> Preparer:
         c, cache = self.config, self.cache()
-        return Preparer(c.crop_size, c.test_grid, c.max_side, self.regions.img_size, str(cache.root), cache.salt, train)
+        sam_size = self.regions.img_size if self.regions is not None else 0
+        slic_rules = self.rules if self.regions is None else None
+        return Preparer(c.crop_size, c.test_grid, c.max_side, sam_size, str(cache.root), cache.salt, slic_rules, train)
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, Tensor]:
         """Pad images and label maps to the batch's largest; region tensors to r_max; SAM inputs
-        only for cache misses (``sam_image`` (M, 3, S, S) in batch order of the misses)."""
-        r, size = self.config.r_max, self.regions.img_size
+        only for cache misses (``sam_image`` (M, 3, S, S) in batch order of the misses); a SLIC
+        miss brings its label map (``partition``) into ``labels`` already."""
+        r = self.config.r_max
+        size = self.regions.img_size if self.regions is not None else 0
         hw = torch.tensor([s.inputs["image"].shape[1:] for s in samples])
         hmax, wmax = hw.max(0).values.tolist()
         batch = {
@@ -535,6 +569,8 @@ class RSFIQA(Model):
                 batch["regions"][b, :n] = s.inputs["regions"]
                 batch["content"][b, :n] = s.inputs["content"]
                 batch["n_regions"][b] = n
+            elif "partition" in s.inputs:
+                batch["labels"][b, :h, :w] = s.inputs["partition"]
             else:
                 sam_images.append(s.inputs["sam_image"])
         if sam_images:
@@ -548,12 +584,16 @@ class RSFIQA(Model):
     @torch.no_grad()
     def describe_misses(self, batch: dict[str, Tensor]) -> None:
         """Segment and describe the images the cache did not have (SAM in fp32, as the stock
-        generator runs it), fill them into ``batch`` and store them in the cache."""
+        generator runs it; SLIC label maps came from the preparer), fill them into ``batch`` and
+        store them in the cache."""
         miss = torch.nonzero(~batch["cached"]).flatten().tolist()
         if not miss:
             return
-        with torch.autocast(batch["image"].device.type, enabled=False):
-            label_maps = self.regions(batch["sam_image"], batch["sam_hw"], batch["hw"][miss])
+        if self.regions is None:
+            label_maps = [batch["labels"][b, :h, :w].long() for b, (h, w) in zip(miss, batch["hw"][miss].tolist())]
+        else:
+            with torch.autocast(batch["image"].device.type, enabled=False):
+                label_maps = self.regions(batch["sam_image"], batch["sam_hw"], batch["hw"][miss])
         for b, labels in zip(miss, label_maps):
             self.add_regions(batch, b, labels)
 
@@ -615,6 +655,7 @@ class RSFIQA(Model):
             ratings = (area[:, None] * outputs["ratings"][i, :n]).sum(0)
             columns = {
                 "score": float(outputs["score"][i]),
+                "regions": self.partition,
                 "n_regions": n,
                 "top_region_weight": float(outputs["region_weights"][i, :n].max()),
                 **{f"rating_{d}": float(v) for d, v in zip(DIMENSIONS, ratings)},
@@ -647,7 +688,8 @@ class RSFIQA(Model):
         """SAM and the describer stay in eval mode: their outputs are cached, so they must not
         depend on whether the model is training."""
         super().train(mode)
-        self.regions.eval()
+        if self.regions is not None:
+            self.regions.eval()
         self.describer.eval()
         return self
 
@@ -658,11 +700,11 @@ class RSFIQA(Model):
         from qscore.weights import load_state
 
         uses_clip = isinstance(self.describer, ClipDescriber)
-        lacking = [f"sam={self.config.sam}"] * (self.config.sam not in SAM_KEYS)
+        lacking = [f"sam={self.config.sam}"] * (self.regions is not None and self.config.sam not in SAM_KEYS)
         lacking += [f"clip_arch={self.config.clip_arch}"] * (uses_clip and self.config.clip_arch != "ViT-B-16")
         if lacking:
             raise MissingWeights(f"no official weights for {', '.join(lacking)}; use --weights random")
-        self.regions.sam.load_state_dict(load_state(registry.path(SAM_KEYS[self.config.sam])))
+        self.load_sam(registry)
         if uses_clip:
             open_clip.load_checkpoint(self.describer.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
             self.describer.reset()
@@ -687,11 +729,23 @@ class RSFIQA(Model):
             missing = self.backbone.body.load_state_dict(load_state(registry.path(self.config.backbone_weights)), strict=False)
             if missing.missing_keys:
                 raise ValueError(f"{self.config.backbone_weights} does not fit {self.config.backbone}: missing {missing.missing_keys[:5]}")
-        describer = "+clip-vit-b16-openai" if isinstance(self.describer, ClipDescriber) else ""
-        return SAM_KEYS[self.config.sam] + describer, "random"
+        parts = [SAM_KEYS[self.config.sam]] * (self.regions is not None)
+        parts += ["clip-vit-b16-openai"] * isinstance(self.describer, ClipDescriber)
+        return "+".join(parts) or "slic+measured", "random"
+
+    def load_sam(self, registry: Any) -> None:
+        """SAM's official checkpoint, when the model partitions with a published SAM."""
+        from qscore.weights import load_state
+
+        if self.regions is not None and self.config.sam in SAM_KEYS:
+            self.regions.sam.load_state_dict(load_state(registry.path(SAM_KEYS[self.config.sam])))
 
     def load_trained(self, state: dict[str, Tensor], card: dict, registry: Any) -> None:
+        """A ``qscore train`` checkpoint; one trained on SLIC regions holds no SAM, so SAM's
+        official weights are loaded when this model partitions with SAM (``regions=auto``)."""
         super().load_trained(state, card, registry)
+        if card.get("backbone") != "official" and not any(k.startswith("regions.") for k in state):
+            self.load_sam(registry)
         self.describer.reset()  # a random-init run's checkpoint carries its own CLIP
 
     def trainable_parameters(self) -> list[dict]:

@@ -141,6 +141,9 @@ class UGDIML(Model):
             "size": 32, "steps": 3, "samples": 2, "channels": (8, 16), "layers_per_block": 1,
             "head_dim": 8, "groups": 4, "cond_channels": 4,
         },
+        # the shipped starter: masks at 128 px, a four-level UNet, fewer DDIM samples, so one
+        # image takes seconds on a CPU
+        "starter": {"size": 128, "channels": (32, 64, 128, 128), "steps": 8, "samples": 4},
     }
 
     def __init__(self, config: UGDIMLConfig):

@@ -90,7 +90,7 @@ def train(opts: TrainOptions) -> dict:
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read weights registry: {e}") from e
     try:
-        config = cls.make_config(opts.preset, **opts.overrides)
+        config = cls.settle(cls.make_config(opts.preset, **opts.overrides), reg)
         torch.manual_seed(opts.seed)
         model = cls(config)
         if opts.init == "official":
