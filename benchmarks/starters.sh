@@ -6,46 +6,51 @@
 #
 # DATA holds biq2021/ (images, train.csv, val.csv), pristine/ (bsds500, kodak) and video/ (the
 # shared clips), as ../shared/data does. WORK gets the synthetic sets, the runs, the packed
-# starters (WORK/starter/) and one log per step. BUDGET_S (default 720) caps each training's wall
-# clock; the epochs below fit it on one H200 with 16 cores. Seeds are fixed: same data, same
+# starters (WORK/starter/) and one log per step. BUDGET_S (default 420) caps every training's wall
+# clock, counted from the start, data making included; the epochs below fit it on one H200 with 16
+# cores. Seeds are fixed: same data, same
 # commands. Run qscore as `python3 -m qscore` with its sources and deps on PYTHONPATH
 # (benchmarks/gpu_env.sh).
 # Sizes and epochs can be made smaller for a smoke run on a CPU (N_FORGERY, N_VIDEO, EPOCHS_*).
 set -u
-DATA=$1 WORK=$2 BUDGET=${3:-720}
-N_FORGERY=${N_FORGERY:-4000} N_VIDEO=${N_VIDEO:-3000} J=${J:-4}
-EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-16} EPOCHS_UGDIML=${EPOCHS_UGDIML:-40} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-24}
+DATA=$1 WORK=$2 BUDGET=${3:-420}
+N_FORGERY=${N_FORGERY:-3000} N_FORGERY_TEST=${N_FORGERY_TEST:-1000} N_VIDEO=${N_VIDEO:-2000} J=${J:-4}
+EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-8} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-10}
 Q="python3 -m qscore"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1  # 16 cores, ~20 processes: no thread pools
 mkdir -p "$WORK/starter" "$WORK/logs"
 log() { echo "$(date +%T) $*" | tee -a "$WORK/logs/steps.log"; }
 
-# ---- data: synthetic forgeries (JPEG p 0.5 for training; a JPEG-always copy of the same held-out
-# photos for the test) and synthetic distortion clips, every split by source photo / clip ----
-log "synth"
-$Q synth forgery --out "$WORK/forgery" --n "$N_FORGERY" --seed 11 --pristine "$DATA/pristine" -j "$J" > "$WORK/logs/synth_forgery.log" 2>&1 &
-SYNTH="$!"
-$Q synth forgery --out "$WORK/forgery_jpeg" --n "$N_FORGERY" --seed 11 --jpeg 1 --pristine "$DATA/pristine" -j "$J" > "$WORK/logs/synth_forgery_jpeg.log" 2>&1 &
-SYNTH="$SYNTH $!"
-$Q synth video --out "$WORK/video" --n "$N_VIDEO" --seed 7 --size 224x224 --frames 32 --pristine "$DATA/pristine" -j "$J" > "$WORK/logs/synth_video.log" 2>&1 &
-SYNTH="$SYNTH $!"
-
-# ---- RSFIQA: BIQ2021 train.csv -> val.csv, starts while the synthetic data is made ----
+# Each chain runs as soon as its data is there: BIQ2021 -> RSFIQA; synthetic forgeries (JPEG p
+# 0.5) -> UGD-IML; synthetic distortion clips -> CLiF-VQA tiny. A JPEG-always copy of the same
+# forgeries (same seed: same photos, splits and edits) gives the held-out test. Every split is by
+# source photo / clip. Each training stops at the shared deadline (then its best epoch so far).
+DEADLINE=$(( $(date +%s) + BUDGET ))
 train() {  # name model args...
   local name=$1
   shift
-  timeout "$BUDGET" $Q train "$@" --init random --seed 0 --out "$WORK/runs/$name" > "$WORK/logs/train_$name.log" 2>&1
+  local again=()
+  [ -f "$WORK/runs/$name/last.resume.pt" ] && again=(--resume)  # a cut run goes on where it stopped
+  timeout $(( DEADLINE - $(date +%s) )) $Q train "$@" --init random --seed 0 --out "$WORK/runs/$name" "${again[@]}" >> "$WORK/logs/train_$name.log" 2>&1
   log "train $name exit $?"
 }
-log "train rsfiqa"
+synth() {  # name kind args...
+  local name=$1
+  shift
+  [ -f "$WORK/$name/labels.csv" ] && return  # made by an earlier run of this script
+  $Q synth "$@" --out "$WORK/$name" --pristine "$DATA/pristine" > "$WORK/logs/synth_$name.log" 2>&1
+  log "synth $name exit $?"
+}
+log "start"
 train rsfiqa rsfiqa --preset starter --labels "$DATA/biq2021/train.csv" --val "$DATA/biq2021/val.csv" \
   --epochs "$EPOCHS_RSFIQA" --batch-size 32 -j "$J" &
-# shellcheck disable=SC2086
-wait $SYNTH
-log "synth done"
-train ugdiml ugdiml --preset starter --labels "$WORK/forgery/train.csv" --val "$WORK/forgery/val.csv" \
-  --epochs "$EPOCHS_UGDIML" --batch-size 32 -j "$J" &
-train clifvqa clifvqa --preset tiny --labels "$WORK/video/train.csv" --val "$WORK/video/val.csv" \
-  --epochs "$EPOCHS_CLIFVQA" --batch-size 16 -j "$J" &
+( synth forgery forgery --n "$N_FORGERY" --seed 11 -j "$J"
+  train ugdiml ugdiml --preset starter --labels "$WORK/forgery/train.csv" --val "$WORK/forgery/val.csv" \
+    --epochs "$EPOCHS_UGDIML" --batch-size 32 -j "$J" ) &
+( synth video video --n "$N_VIDEO" --seed 7 --size 224x224 --frames 32 -j $(( 3 * J / 2 ))
+  train clifvqa clifvqa --preset tiny --labels "$WORK/video/train.csv" --val "$WORK/video/val.csv" \
+    --epochs "$EPOCHS_CLIFVQA" --batch-size 16 -j "$J" ) &
+synth forgery_jpeg forgery --n "$N_FORGERY_TEST" --seed 11 --jpeg 1 -j 2 &  # n >= 500: the same photo split
 wait
 log "trainings done"
 
@@ -54,7 +59,7 @@ pack() {  # name data licence extra...
   local name=$1 data=$2 licence=$3
   shift 3
   python3 benchmarks/pack_starter.py "$WORK/runs/$name/best.safetensors" "$WORK/starter/$name.safetensors" \
-    --data "$data" --licence "$licence" --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+    --data "$data" --licence "$licence" --device "$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")" \
     --command "bash benchmarks/starters.sh (run $name)" "$@"
 }
 pack rsfiqa "BIQ2021 train.csv (1,200 photos; Ahmed & Asif 2022)" "research use, as BIQ2021 (cite it)" --set regions=auto

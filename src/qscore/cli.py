@@ -86,16 +86,19 @@ def image(
 
 @app.command(no_args_is_help=True)
 def video(
-    paths: Paths = None, model: Model = "mvqa", out: Out = Path("qscore-out"), csv: Csv = False,
+    paths: Paths = None, model: Model = "clifvqa", out: Out = Path("qscore-out"), csv: Csv = False,
     device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = None,
     registry_file: Registry_ = None, preset: Preset = None, sets: Set = None, force: Force = False,
     ext: Ext = None, seed: Seed = 0, quiet: Quiet = False, verbose: Verbose = False,
     max_files: MaxFiles = None, npz: Npz = False, maps: Maps = True,
     sampler: Annotated[Optional[str], typer.Option("--sampler", help="Frame sampler: uniform or framediff (models that sample frames).")] = None,
 ) -> None:
-    """Score video quality, one row per video (mvqa, qclip, clifvqa).
+    """Score video quality, one row per video (clifvqa, mvqa, qclip). The default, clifvqa, is the
+    one that ships a starter checkpoint, so it scores with nothing else installed.
 
     Examples:
+
+      qscore video ./clips
 
       qscore video ./clips --model mvqa
 

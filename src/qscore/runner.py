@@ -336,6 +336,8 @@ def _score(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.maps = cfg.maps or cfg.save_npz
+    if not cfg.quiet:
+        log.info("model %s (preset %s), weights %s (head: %s), device %s", model.spec.name, cfg.preset, weights_id, head, device)
     engine = _Engine(cfg, model, device, sink, base, stats, totals)
     t0 = time.perf_counter()
     with Progress(len(todo), enabled=cfg.progress, quiet=cfg.quiet) as progress:
