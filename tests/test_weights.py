@@ -354,6 +354,7 @@ def test_every_packaged_entry_parses_and_names_licence_and_users():
         "pe-core-l14-336", "clip-vit-b16-openai", "sam-vit-b", "sam-vit-l", "sam-vit-h",
         "videomamba-t16-k400", "videomamba-m16-k400",
         "qclip-head", "mvqa-head", "clifvqa-head", "rsfiqa-head", "ugdiml-head",
+        "rsfiqa-starter", "ugdiml-starter", "clifvqa-starter",
     }
     assert set(reg.keys()) == expected
     models = set(model_registry.names())
@@ -366,6 +367,7 @@ def test_every_packaged_entry_parses_and_names_licence_and_users():
         if e.kind == "none":
             assert f"qscore train {e.used_by[0]}" in e.note
     assert all(reg.entry(k).sha256 for k in ("sam-vit-b", "sam-vit-l", "sam-vit-h", "videomamba-m16-k400"))
+    assert all(reg.entry(k).sha256 for k in expected if k.endswith("-starter"))
 
 
 # ---- loading ------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from qscore import __version__, registry
-from qscore.runner import EXIT_USAGE, RunConfig, UsageError, parse_sets, run
+from qscore.config import EXIT_USAGE, RunConfig, UsageError, check, parse_sets
+from qscore.discover import DiscoveryError
 
 app = typer.Typer(
     help=(
@@ -58,6 +59,12 @@ def _run(task: str, paths: list[str] | None, model: str, **opts) -> None:
         _usage("give at least one PATH" + (" (or --pairs CSV)" if task == "forgery" else ""))
     exts = tuple(opts.pop("ext") or ()) or None
     cfg = RunConfig(task=task, model=model, inputs=list(paths or []), exts=exts, overrides=overrides, **opts)
+    try:
+        check(cfg)  # before torch is imported: a usage error comes at once
+    except (UsageError, DiscoveryError) as e:
+        _usage(str(e))
+    from qscore.runner import run
+
     raise typer.Exit(run(cfg))
 
 
@@ -164,7 +171,8 @@ def models() -> None:
         total, trainable = _count(cls)
         s = cls.spec
         table.add_row(name, s.task, total, trainable, ", ".join(cls.presets), ", ".join(s.weights_keys))
-        notes.append(f"{name}: {s.summary}\n  paper: {s.paper}\n  licence: {s.licence}\n  score: {s.score_range}")
+        notes.append(f"{name}: {s.summary}\n  paper: {s.paper}\n  licence: {s.licence}\n  score: {s.score_range}"
+                     + _starter_note(name))
     console = Console()
     console.print(table)
     console.print("params: default preset; trainable: what `qscore train` optimises.\n", highlight=False)
@@ -214,6 +222,32 @@ def bench(
     typer.echo(text)
     if json_out:
         json_out.write_text(text + "\n")
+
+
+def _starter_note(name: str) -> str:
+    """The starter's model card in a few lines: what it was trained on, how, and how well."""
+    import json
+
+    from qscore.weights import Registry
+
+    try:
+        reg = Registry.load()
+        key = f"{name}-starter"
+        if key not in reg.keys():
+            return ""
+        card = json.loads(reg.path(key).with_suffix(".json").read_text())
+    except Exception:  # noqa: BLE001 - a broken starter must not hide the list
+        return ""
+    info = card.get("starter", {})
+    held_out = "; ".join(
+        f"{split}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k in ("srcc", "plcc", "f1", "iou", "pixel_auc"))
+        + f" (n={m.get('n', m.get('n_manipulated', '?'))})"
+        for split, m in info.get("held_out", {}).items()
+    )
+    epochs = f"epoch {card.get('epoch')} of {card.get('train', {}).get('epochs')}, picked by {card.get('selected_by')}"
+    return (f"\n  starter: {key} ({card.get('preset')} preset; {epochs}; trained on {info.get('device')}), "
+            f"the default when no trained head is registered\n    data: {info.get('data')}\n"
+            f"    licence: {card.get('licence')}\n    held-out: {held_out}\n    remade by: benchmarks/starters.sh")
 
 
 def _count(cls) -> tuple[str, str]:
