@@ -10,8 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from qscore import __version__, registry
-from qscore.config import EXIT_USAGE, RunConfig, UsageError, check, parse_sets
-from qscore.discover import DiscoveryError
+from qscore.runner import EXIT_USAGE, RunConfig, UsageError, parse_sets, run
 
 app = typer.Typer(
     help=(
@@ -59,12 +58,6 @@ def _run(task: str, paths: list[str] | None, model: str, **opts) -> None:
         _usage("give at least one PATH" + (" (or --pairs CSV)" if task == "forgery" else ""))
     exts = tuple(opts.pop("ext") or ()) or None
     cfg = RunConfig(task=task, model=model, inputs=list(paths or []), exts=exts, overrides=overrides, **opts)
-    try:
-        check(cfg)  # before torch is imported: a usage error comes at once
-    except (UsageError, DiscoveryError) as e:
-        _usage(str(e))
-    from qscore.runner import run
-
     raise typer.Exit(run(cfg))
 
 
