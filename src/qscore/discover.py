@@ -11,7 +11,7 @@ import errno
 import os
 from dataclasses import replace
 
-from qscore.models.base import Item, safe_text
+from qscore.items import Item, safe_text
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp")
@@ -40,6 +40,7 @@ def discover(
     entry: relative to the manifest's folder). Two inputs that map to the same ``rel_path``
     would overwrite each other's row and artefacts, so that is refused.
     """
+    check_inputs(inputs, pairs)
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in (exts or default_exts(task)))
     found: list[tuple[str, str]] = []  # (path, rel_path)
     if pairs:
@@ -61,13 +62,21 @@ def discover(
     return items
 
 
+def check_inputs(inputs: list[str], pairs: str | None = None) -> None:
+    """The PATH problems found without walking anything (the command line checks them before it
+    imports torch): a PATH that does not exist, a --pairs that is not a file."""
+    for arg in inputs:
+        if not os.path.lexists(arg):
+            raise DiscoveryError(f"no such file or folder: {safe_text(arg)}")
+    if pairs and not os.path.isfile(pairs):
+        raise DiscoveryError(f"cannot read --pairs {safe_text(pairs)}: no such file")
+
+
 def _expand(arg: str, exts: tuple[str, ...]) -> list[tuple[str, str]]:
     if os.path.isdir(arg):
         return _walk(arg, exts)
     if arg.lower().endswith(MANIFEST_EXTS) and os.path.isfile(arg):
         return _read_manifest(arg)
-    if not os.path.lexists(arg):
-        raise DiscoveryError(f"no such file or folder: {safe_text(arg)}")
     return [(arg, os.path.basename(arg))]
 
 

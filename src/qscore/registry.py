@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import TYPE_CHECKING
 
-from qscore.models.base import Model
+if TYPE_CHECKING:  # importing a model (and torch) waits until one is asked for
+    from qscore.models.base import Model
 
 MODELS: dict[str, str] = {
     "rsfiqa": "qscore.models.rsfiqa:RSFIQA",
@@ -26,9 +28,14 @@ def _extra() -> dict[str, str]:
     return dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
 
 
-def get(name: str) -> type[Model]:
-    target = {**MODELS, **_extra()}.get(name)
-    if target is None:
+def target(name: str) -> str:
+    """``module:Class`` of a model; KeyError naming the known ones for an unknown name."""
+    found = {**MODELS, **_extra()}.get(name)
+    if found is None:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(names())}")
-    module, cls = target.split(":")
+    return found
+
+
+def get(name: str) -> type[Model]:
+    module, cls = target(name).split(":")
     return getattr(importlib.import_module(module), cls)

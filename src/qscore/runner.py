@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +29,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qscore import __version__, registry
+from qscore.config import (  # noqa: F401 - callers take the run's vocabulary from here too
+    EXIT_FAILED_FILES,
+    EXIT_OK,
+    EXIT_USAGE,
+    RunConfig,
+    UsageError,
+    check,
+    parse_sets,
+)
+from qscore.cpus import usable_cpus
 from qscore.discover import DiscoveryError, discover
 from qscore.models.base import Item, MissingWeights, Model, Output, Sample, safe_text
 from qscore.sinks import (
@@ -44,41 +54,10 @@ from qscore.sinks import (
 
 log = logging.getLogger("qscore")
 
-EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
 # Postprocessing and artefact PNGs of a batch can cost more CPU than its forward (a 512x512
 # heatmap overlay and its PNG: ~26 ms per image on one core): writer threads take batches side by side.
-WRITERS = min(4, os.cpu_count() or 1)
+WRITERS = min(4, usable_cpus())
 MAX_QUEUED = WRITERS + 1  # batches waiting for or in the writer threads
-
-
-class UsageError(Exception):
-    """Bad options, unknown model, missing weights, unwritable output: exit code 2."""
-
-
-@dataclass
-class RunConfig:
-    task: str  # image | video | forgery
-    model: str
-    inputs: list[str]
-    out: Path = Path("qscore-out")
-    preset: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)  # --set key=value (model Config)
-    weights: str | None = None  # None: official; "random"; or a qscore checkpoint file
-    registry: str | None = None  # weights.toml to use instead of the default resolution
-    device: str = "auto"
-    batch_size: int = 8
-    workers: int = -1  # -1: one per CPU core, at most 16
-    exts: tuple[str, ...] | None = None
-    pairs: str | None = None  # CIML manifest
-    force: bool = False
-    seed: int = 0
-    max_files: int | None = None
-    csv: bool = False
-    save_npz: bool = False
-    maps: bool = True  # write the artefact PNGs (heatmaps, masks); False: rows only
-    quiet: bool = False
-    verbose: bool = False
-    progress: bool | None = None  # None: a bar when stderr is a terminal
 
 
 @dataclass
@@ -147,17 +126,6 @@ def describe(e: BaseException) -> str:
         return "PermissionError: permission denied"
     msg = safe_text(str(e)).strip().splitlines()
     return f"{type(e).__name__}: {msg[0] if msg else 'no message'}"
-
-
-def parse_sets(sets: list[str] | None) -> dict[str, str]:
-    """``--set KEY=VALUE`` options -> model config overrides (dashes in keys become underscores)."""
-    overrides = {}
-    for kv in sets or []:
-        if "=" not in kv:
-            raise UsageError(f"--set expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        overrides[k.strip().replace("-", "_")] = v.strip()
-    return overrides
 
 
 def pick_device(spec: str) -> torch.device:
@@ -255,10 +223,10 @@ def run(cfg: RunConfig) -> int:
     """Score every input; returns the exit code (0 ok, 1 some files failed, 2 usage error)."""
     started = time.time()
     try:
+        check(cfg)
         device = pick_device(cfg.device)
         model, weights_id, head = build_model(cfg, device)
         items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=_mode(model) == "ciml", pairs=cfg.pairs)
-        prepare_out(cfg.out)
     except (UsageError, DiscoveryError) as e:
         log.error("qscore: %s", e)
         return EXIT_USAGE
@@ -294,16 +262,6 @@ def run(cfg: RunConfig) -> int:
     write_summary(cfg.out / f"{stem}.summary.json", summary)
     report(summary, quiet=cfg.quiet)
     return code
-
-
-def prepare_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".qscore-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from e
 
 
 def _mode(model: Model) -> str | None:
@@ -385,7 +343,7 @@ class _Engine:
         self._queued: deque[Future] = deque()
 
     def drive(self, todo: list[Item]) -> None:
-        workers = self.cfg.workers if self.cfg.workers >= 0 else min(16, os.cpu_count() or 1)
+        workers = self.cfg.workers if self.cfg.workers >= 0 else min(16, usable_cpus())
         loader = DataLoader(
             Prepared(todo, self.model.preparer()),
             batch_size=chunk_size(len(todo), self.batch_size, workers),
@@ -561,13 +519,17 @@ class _Timer:
 
 
 class Progress:
-    """A rich bar on a terminal; plain log lines every 10 s otherwise (cron, log files)."""
+    """A rich bar on a terminal; otherwise (cron, log files) a plain log line every ``EVERY``
+    seconds, also while a long batch is still in flight, and one when the last file is done."""
+
+    EVERY = 10.0
 
     def __init__(self, total: int, enabled: bool | None, quiet: bool):
         self.total, self.quiet = total, quiet
         self.bar = (sys.stderr.isatty() if enabled is None else enabled) and not quiet
         self.done = self.errors = 0
-        self.t0 = self.last = time.perf_counter()
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
 
     def __enter__(self) -> "Progress":
         if self.bar:
@@ -587,24 +549,33 @@ class Progress:
             self._task = self._bar.add_task("scoring", total=self.total, rate="-", errors=0)
         elif not self.quiet:
             log.info("scoring %d file(s)", self.total)
+            threading.Thread(target=self._beat, name="qscore-progress", daemon=True).start()
         return self
 
     def advance(self, n: int, errors: int) -> None:
         self.done += n
         self.errors += errors
-        now = time.perf_counter()
-        rate = self.done / max(now - self.t0, 1e-9)
         if self.bar:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
             self._bar.update(self._task, advance=n, rate=f"{rate:.1f}", errors=self.errors)
-        elif not self.quiet and (now - self.last >= 10 or self.done == self.total):
-            self.last = now
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            log.info(
-                "%d/%d files, %d error(s), %.2f files/s, ETA %s",
-                self.done, self.total, self.errors, rate, _hms(eta),
-            )
+        elif not self.quiet and self.done == self.total:
+            self._line()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.EVERY):
+            self._line()
+
+    def _line(self) -> None:
+        elapsed = time.perf_counter() - self.t0
+        rate = self.done / max(elapsed, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        log.info(
+            "%d/%d files, %d error(s), %.2f files/s, elapsed %s, ETA %s",
+            self.done, self.total, self.errors, rate, _hms(elapsed), _hms(eta),
+        )
 
     def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
         if self.bar:
             self._bar.stop()
 
@@ -623,7 +594,9 @@ def report(summary: dict[str, Any], quiet: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"qscore {summary['model']}" + (f" ({summary['mode']})" if summary["mode"] else ""))
+    random = summary["head"] == "random"
+    title = f"qscore {summary['model']}" + (f" ({summary['mode']})" if summary["mode"] else "")
+    table = Table(title=title + (", RANDOM WEIGHTS" if random else ""))
     table.add_column("files")
     table.add_column("ok", justify="right")
     table.add_column("errors", justify="right")
@@ -644,3 +617,6 @@ def report(summary: dict[str, Any], quiet: bool) -> None:
         f"weights {summary['weights_id']} (head: {summary['head']}), device {summary['device_name']}, "
         f"rows in {summary['table']}: {summary['rows_in_table']}"
     )
+    if random:
+        console.print("RANDOM WEIGHTS: every score is noise from an untrained model (smoke tests and speed "
+                      "only), whatever range `qscore models` documents", style="bold red", highlight=False)

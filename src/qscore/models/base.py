@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -28,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
+
+from qscore.items import Item, safe_text  # noqa: F401 - models and the runner take them from here
 
 
 @dataclass(frozen=True)
@@ -44,34 +45,6 @@ class ModelSpec:
     score_range: str = "[0, 1]"  # documented direction and range (USERS.md #8)
     columns: dict[str, pa.DataType] = field(default_factory=dict)  # extra per-model columns
     artefacts: tuple[str, ...] = ()  # subset of ("heatmap", "mask", "uncertainty")
-
-
-@dataclass(frozen=True)
-class Item:
-    """One file to score, as discovery found it. ``path`` is the real file-system path (it may
-    hold undecodable bytes as surrogates); ``display`` is the same path safe for Parquet/logs."""
-
-    path: str
-    rel_path: str
-    size: int
-    mtime: float
-    reference: str | None = None  # CIML: the authentic source image
-    mask: str | None = None  # training only: ground-truth forgery mask
-    error: str | None = None  # discovery already knows this file is bad (e.g. symlink loop)
-
-    @property
-    def display(self) -> str:
-        return safe_text(self.path)
-
-    def seed(self, run_seed: int = 0) -> int:
-        """A 63-bit seed fixed by the file (relative path and size) and the run's --seed."""
-        key = f"{safe_text(self.rel_path)}\0{self.size}\0{run_seed}".encode()
-        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
-
-
-def safe_text(s: str) -> str:
-    """A str that encodes as UTF-8: undecodable file-name bytes become \\xNN escapes."""
-    return os.fsencode(s).decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -183,10 +156,11 @@ class Model(nn.Module):
         try:
             path = registry.path(self.head_key)
         except (KeyError, MissingWeights) as e:
+            reason = " ".join(str(e.args[0] if e.args else e).split())  # one line: the registry's may wrap
             raise MissingWeights(
                 f"{self.spec.name} has no trained weights registered as '{self.head_key}': train them with "
                 f"`qscore train {self.spec.name}`, then register the printed snippet or pass --weights FILE; "
-                f"--weights random only for smoke tests ({e})"
+                f"--weights random only for smoke tests. {reason}"
             ) from e
         state, card = load_checkpoint(path, expect_model=self.spec.name)
         self.load_trained(state, card, registry)
