@@ -4,6 +4,7 @@ and a short learning step. CPU, the ``test`` preset, seconds."""
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,27 @@ def test_forward_scores_are_batch_independent_and_deterministic():
     assert scores.shape == (3,) and scores.dtype == torch.float32
     assert torch.allclose(scores, single, atol=1e-6)
     assert torch.equal(scores, make()({"video": video})["score"].detach())  # same seed, same model
+
+
+def test_cpu_clips_go_through_the_backbone_one_by_one_side_by_side():
+    """On the CPU without gradients each clip runs on its own (a thread per core), so its
+    features are bitwise those it gets alone; with gradients (training) the batch runs as one."""
+    model = make()
+    clips = backbone_input(random_video(model, batch=3))
+    alone = torch.cat([model.backbone(c) for c in clips.split(1)]).detach()
+    names = []
+    forward = model.backbone.forward
+
+    def spy(x):
+        names.append(threading.current_thread().name)
+        return forward(x)
+
+    model.backbone.forward = spy
+    with torch.inference_mode():
+        assert torch.equal(model.features(clips), alone)
+    assert len(names) == 3 and all(n.startswith("qscore-mvqa") for n in names)
+    names.clear()
+    assert model.features(clips).requires_grad and len(names) == 1
 
 
 def test_clip_spans_cover_the_video():

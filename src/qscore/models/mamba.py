@@ -8,14 +8,22 @@ The selective scan (Mamba's S6) runs per channel ``d`` and state ``n``::
 
 Two implementations compute it, chosen per call (``impl``: "auto" | "reference" | "fused"):
 
-- ``selective_scan_reference``: pure PyTorch, used on CPU and as the numerical reference. The
-  linear recurrence ``h_t = a_t h_{t-1} + b_t`` is a scan under the associative operator
-  ``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)``. The sequence is cut into chunks of ``chunk``
-  steps; inside every chunk a Hillis-Steele scan (log2(chunk) vectorised passes) gives the
-  local states and the cumulative decay from the chunk start; the states at the chunk ends are
-  scanned the same way across chunks (log2(L / chunk) passes on a tensor ``chunk`` times
-  smaller) and carried into each chunk with one multiply-add. Every factor is a decay in [0, 1],
-  so nothing overflows and fp32/fp64 accuracy is kept; there is no Python loop over time.
+- ``selective_scan_reference``: pure PyTorch, used on CPU and as the numerical reference, in
+  one of two ways by device:
+  - on the CPU, step by step (``_scan_steps``): time is cut into blocks of ``STEP_BLOCK`` steps;
+    a block's decays and drives, (STEP_BLOCK, b, n, d), stay in cache, the state is carried with
+    one fused multiply-add per step, and the block's outputs are contracted with C at once.
+    The CPU is memory-bound here: the parallel scan below makes log2(chunk) passes over
+    (b, d, n, L) tensors of hundreds of MB (at MVQA-tiny size, 154 MB per clip each, so every
+    pass page-faults fresh memory), 9.5 s per scan and clip against 0.3 s step by step (one core, 2026-12-03).
+  - elsewhere (an accelerator without mamba-ssm), in parallel (``_scan_parallel``): the linear
+    recurrence ``h_t = a_t h_{t-1} + b_t`` is a scan under the associative operator
+    ``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)``. The sequence is cut into chunks of ``chunk``
+    steps; inside every chunk a Hillis-Steele scan (log2(chunk) vectorised passes) gives the
+    local states and the cumulative decay from the chunk start; the states at the chunk ends are
+    scanned the same way across chunks (log2(L / chunk) passes on a tensor ``chunk`` times
+    smaller) and carried into each chunk with one multiply-add; no Python loop over time.
+  Every factor is a decay in [0, 1], so nothing overflows and fp32/fp64 accuracy is kept.
 - mamba-ssm's fused CUDA kernel ``selective_scan_fn`` (and causal-conv1d's ``causal_conv1d_fn``
   for the short convolution when installed), used automatically for CUDA tensors when the
   packages import. Neither package is needed to import or run qscore.
@@ -119,26 +127,65 @@ def selective_scan_reference(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = True,
     chunk: int = 16,
+    steps: bool | None = None,
 ) -> Tensor:
     """Pure PyTorch selective scan with mamba-ssm's signature, computed in fp32 (fp64 if ``u``
-    is fp64). u, delta, z: (b, d, L); A: (d, n); B, C: (b, n, L); D, delta_bias: (d,).
+    is fp64). u, delta, z: (b, d, L); A: (d, n); B, C: (b, n, L); D, delta_bias: (d,). A, D and
+    delta_bias may also hold one set per sample, (b, d, n) and (b, d): BiMamba runs its two
+    directions as one scan.
+    ``steps``: step by step (default on the CPU) or the parallel scan with ``chunk``.
     Returns y: (b, d, L) in ``u``'s dtype."""
     out_dtype = u.dtype
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
     with torch.autocast(u.device.type, enabled=False):  # the reference stays in `dtype`
         if delta_bias is not None:
-            delta = delta + delta_bias.to(dtype)[:, None]
+            delta = delta + delta_bias.to(dtype)[..., None]
         if delta_softplus:
             delta = F.softplus(delta)
-        decay = torch.exp(delta.unsqueeze(2) * A[:, :, None])  # (b, d, n, L)
-        drive = (delta * u).unsqueeze(2) * B.unsqueeze(1)  # (b, d, n, L)
-        y = torch.einsum("bdnl,bnl->bdl", linear_scan(decay, drive, chunk), C)
+        if steps is None:
+            steps = u.device.type == "cpu"
+        y = _scan_steps(delta, delta * u, A, B, C) if steps else _scan_parallel(delta, delta * u, A, B, C, chunk)
         if D is not None:
-            y = y + u * D.to(dtype)[:, None]
+            y = y + u * D.to(dtype)[..., None]
         if z is not None:
             y = y * F.silu(z.to(dtype))
     return y.to(out_dtype)
+
+
+STEP_BLOCK = 16  # time steps per block of the CPU scan: (16, b, n, d) stays in the caches
+
+
+def _scan_steps(delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """sum_n C_t h_t for h_t = exp(delta_t A) h_{t-1} + du_t B_t, one step at a time in blocks
+    of ``STEP_BLOCK`` steps, time-major with channels innermost, so each step reads contiguous
+    (b, n, d) slices and the broadcasts run along d. Every step is elementwise, so a file's
+    states do not depend on its batch (bitwise where d fills whole SIMD vectors, as in every
+    preset). (b, d, L) -> (b, d, L)."""
+    delta, du = (t.permute(2, 0, 1).contiguous() for t in (delta, du))  # (L, b, d)
+    B = B.permute(2, 0, 1).unsqueeze(-1).contiguous()  # (L, b, n, 1)
+    C = C.permute(2, 0, 1).unsqueeze(-2).contiguous()  # (L, b, 1, n)
+    A2 = A.transpose(-1, -2) * math.log2(math.e)  # ([b,] n, d): exp(x A) = exp2(x A2), a third faster
+    h = delta.new_zeros(delta.shape[1], A.shape[-1], delta.shape[2])  # (b, n, d)
+    ys = []
+    for start in range(0, delta.shape[0], STEP_BLOCK):
+        block = slice(start, start + STEP_BLOCK)
+        decay = (delta[block, :, None] * A2).exp2_()  # (K, b, n, d)
+        states = du[block, :, None] * B[block]  # the drives, replaced by the states step by step
+        if torch.is_grad_enabled():  # autograd forbids writing into unbind's views
+            states = torch.stack([h := torch.addcmul(b, a, h) for a, b in zip(decay.unbind(0), states.unbind(0))])
+        else:
+            for a, b in zip(decay.unbind(0), states.unbind(0)):
+                h = b.addcmul_(a, h)
+        ys.append(torch.matmul(C[block], states))  # (K, b, 1, d)
+    return torch.cat(ys).squeeze(2).permute(1, 2, 0)
+
+
+def _scan_parallel(delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> Tensor:
+    """The same sum with ``linear_scan`` over the whole sequence at once. (b, d, L) -> (b, d, L)."""
+    decay = torch.exp(delta.unsqueeze(2) * A[..., None])  # (b, d, n, L)
+    drive = du.unsqueeze(2) * B.unsqueeze(1)  # (b, d, n, L)
+    return torch.einsum("bdnl,bnl->bdl", linear_scan(decay, drive, chunk), C)
 
 
 def selective_scan(
@@ -195,28 +242,34 @@ class BiMamba(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
-        forward = self._ssm(x, z, "")
-        backward = self._ssm(x.flip(-1), z.flip(-1), "_b").flip(-1)
-        return self.out_proj((forward + backward).transpose(1, 2))
+        fwd, bwd = self._scan_args(x, z, ""), self._scan_args(x.flip(-1), z.flip(-1), "_b")
+        if _use_fused(x.device, self.impl):
+            forward, backward = (selective_scan(**args, impl=self.impl) for args in (fwd, bwd))
+        else:  # both directions in one scan: half the steps of the CPU's step-by-step loop
+            b = x.shape[0]
+            both = {k: torch.cat([a[k].expand(b, *a[k].shape) if k in PARAMS else a[k] for a in (fwd, bwd)]) for k in fwd}
+            forward, backward = selective_scan_reference(**both).chunk(2)
+        return self.out_proj((forward + backward.flip(-1)).transpose(1, 2))
 
-    def _ssm(self, x: Tensor, z: Tensor, suffix: str) -> Tensor:
-        """One direction, causal along L: conv + silu, input-dependent (delta, B, C), scan."""
+    def _scan_args(self, x: Tensor, z: Tensor, suffix: str) -> dict[str, Tensor]:
+        """One direction, causal along L: conv + silu, then the input-dependent (delta, B, C) and
+        the direction's parameters, as ``selective_scan``'s keyword arguments."""
         x = causal_conv_silu(x, getattr(self, f"conv1d{suffix}"), self.impl)
         x_proj, dt_proj = getattr(self, f"x_proj{suffix}"), getattr(self, f"dt_proj{suffix}")
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
-        A = -torch.exp(getattr(self, f"A{suffix}_log").float())
-        return selective_scan(
-            x,
-            delta,
-            A,
-            B.transpose(1, 2).contiguous(),
-            C.transpose(1, 2).contiguous(),
-            getattr(self, f"D{suffix}").float(),
-            z,
-            dt_proj.bias.float(),
-            self.impl,
+        return dict(
+            u=x,
+            delta=F.linear(dt, dt_proj.weight).transpose(1, 2),  # bias goes in as delta_bias
+            A=-torch.exp(getattr(self, f"A{suffix}_log").float()),
+            B=B.transpose(1, 2).contiguous(),
+            C=C.transpose(1, 2).contiguous(),
+            D=getattr(self, f"D{suffix}").float(),
+            z=z,
+            delta_bias=dt_proj.bias.float(),
         )
+
+
+PARAMS = ("A", "D", "delta_bias")  # a direction's own parameters, one set for its whole batch
 
 
 def _init_dt_proj(dt_proj: nn.Linear, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:

@@ -11,7 +11,9 @@ The authors released no weights: a score needs a head trained with ``qscore trai
 
 from __future__ import annotations
 
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qscore.cpus import usable_cpus
 from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, channels_first, clip_indices, normalize, uniform_indices, usds
 from qscore.media.video import open_video
 from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Sample
@@ -172,9 +175,26 @@ class MVQA(Model):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         video = batch["video"]  # uint8 (b, clips, T, 3, H, W)
-        features = self.backbone(backbone_input(video))  # (b*clips, d)
+        features = self.features(backbone_input(video))  # (b*clips, d)
         scores = self.head(features).float().view(video.shape[0], video.shape[1])
         return {"score": scores.mean(1)}
+
+    def features(self, clips: Tensor) -> Tensor:
+        """Backbone features (n, d) of n clips. On the CPU without gradients, each clip goes
+        through the backbone on its own, one thread per core side by side: the CPU's step-by-step
+        scan is bound by memory latency and Python overhead, so one batched forward leaves a core
+        idle and its larger working set falls out of the caches (MVQA-tiny, two clips on 2 cores:
+        52.6 s as one batch, 29.2 s side by side). A clip's features are then bitwise the same
+        whatever batch it came in."""
+        if clips.device.type != "cpu" or torch.is_grad_enabled() or len(clips) == 1:
+            return self.backbone(clips)
+        inference = torch.is_inference_mode_enabled()
+
+        def one(clip: Tensor) -> Tensor:
+            with torch.inference_mode(inference), torch.no_grad():  # grad modes are per thread
+                return self.backbone(clip)
+
+        return torch.cat(list(_clip_threads().map(one, clips.split(1))))
 
     def trainable_parameters(self) -> list[dict]:
         """AdamW groups for ``qscore train``: the head at the run's lr, the backbone at
@@ -213,6 +233,12 @@ class MVQA(Model):
             raise ValueError(f"VideoMamba checkpoint does not fit this preset: {'; '.join(wrong[:5])}")
         self.backbone.load_state_dict(picked, strict=True)
         return sorted(set(state) - set(own))
+
+
+@functools.cache
+def _clip_threads() -> ThreadPoolExecutor:
+    """One thread per core this process may use, made once and kept."""
+    return ThreadPoolExecutor(usable_cpus(), thread_name_prefix="qscore-mvqa")
 
 
 def backbone_input(video: Tensor) -> Tensor:
