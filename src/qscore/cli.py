@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from qscore import __version__, registry
-from qscore.runner import EXIT_USAGE, RunConfig, UsageError, parse_sets, run
+from qscore.config import EXIT_USAGE, RunConfig, UsageError, check, parse_sets
+from qscore.discover import DiscoveryError
 
 app = typer.Typer(
     help=(
@@ -24,7 +25,6 @@ app = typer.Typer(
         "Exit codes: 0 all files ok, 1 some files failed (their rows say why), 2 usage or "
         "configuration error."
     ),
-    no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
@@ -58,6 +58,12 @@ def _run(task: str, paths: list[str] | None, model: str, **opts) -> None:
         _usage("give at least one PATH" + (" (or --pairs CSV)" if task == "forgery" else ""))
     exts = tuple(opts.pop("ext") or ()) or None
     cfg = RunConfig(task=task, model=model, inputs=list(paths or []), exts=exts, overrides=overrides, **opts)
+    try:
+        check(cfg)  # before torch is imported: a usage error comes at once
+    except (UsageError, DiscoveryError) as e:
+        _usage(str(e))
+    from qscore.runner import run
+
     raise typer.Exit(run(cfg))
 
 
@@ -149,25 +155,22 @@ def models() -> None:
       qscore models
     """
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="qscore models")
-    for col in ("model", "task", "params", "trainable", "presets", "weights keys"):
-        table.add_column(col)
-    notes = []
+    rows, notes = [], []
     for name in registry.names():
         try:
             cls = registry.get(name)
         except Exception as e:  # noqa: BLE001 - a broken optional dependency must not hide the rest
-            table.add_row(name, "?", "", "", "", f"unavailable: {e}")
+            rows.append([name, "?", "", "", "", f"unavailable: {e}"])
             continue
         total, trainable = _count(cls)
         s = cls.spec
-        table.add_row(name, s.task, total, trainable, ", ".join(cls.presets), ", ".join(s.weights_keys))
+        rows.append([name, s.task, total, trainable, ", ".join(cls.presets), "\n".join(s.weights_keys)])
         notes.append(f"{name}: {s.summary}\n  paper: {s.paper}\n  licence: {s.licence}\n  score: {s.score_range}"
                      + _starter_note(name))
     console = Console()
-    console.print(table)
+    console.print(_table("qscore models", ["model", "task", "params", "trainable", "presets", "weights keys"], rows,
+                         whole=("model", "weights keys")))
     console.print("params: default preset; trainable: what `qscore train` optimises.\n", highlight=False)
     console.print("\n".join(notes), highlight=False, soft_wrap=True)
 
@@ -262,8 +265,20 @@ def _count(cls) -> tuple[str, str]:
     return "?", "?"
 
 
-weights_app = typer.Typer(help="The weights registry (weights.toml): list, pull, verify, path.", no_args_is_help=True)
+weights_app = typer.Typer(help="The weights registry (weights.toml): list, pull, verify, path.")
 app.add_typer(weights_app, name="weights")
+
+
+@weights_app.callback(invoke_without_command=True)
+def weights_main(ctx: typer.Context) -> None:
+    _help_without_command(ctx)
+
+
+def _help_without_command(ctx: typer.Context) -> None:
+    """A group given no command prints its help and exits 0: asking what is there is no error."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 RegistryOpt = Annotated[Optional[str], typer.Option("--registry", help="weights.toml to use.")]
 
 
@@ -285,15 +300,27 @@ def weights_list(registry_file: RegistryOpt = None) -> None:
       qscore weights list
     """
     from rich.console import Console
-    from rich.table import Table
 
     rows = _registry(registry_file).rows()
-    table = Table(title="weights")
-    for col in rows[0] if rows else ():
-        table.add_column(str(col))
+    header = [str(col) for col in (rows[0] if rows else ())]
+    Console().print(_table("weights", header, [[str(v) for v in row.values()] for row in rows], whole=("key",)))
+
+
+def _table(title: str, header: list[str], rows: list[list[str]], whole: tuple[str, ...]):
+    """A rich table that never cuts a cell: the ``whole`` columns (names a user types back, such
+    as weights keys) keep every line unbroken, the rest wrap (a URL mid-word) at any width."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, col in enumerate(header):
+        if col in whole:
+            width = max([len(col)] + [len(line) for row in rows for line in row[i].splitlines()])
+            table.add_column(col, no_wrap=True, min_width=width)
+        else:
+            table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    Console().print(table)
+        table.add_row(*row)
+    return table
 
 
 @weights_app.command("pull")
@@ -357,10 +384,11 @@ def _register_training() -> None:
 
 
 @app.callback(invoke_without_command=True)
-def main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+def main(ctx: typer.Context, version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
     if version:
         typer.echo(f"qscore {__version__}")
         raise typer.Exit(0)
+    _help_without_command(ctx)
 
 
 def _sets(sets: list[str] | None) -> dict[str, str]:

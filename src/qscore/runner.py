@@ -4,7 +4,8 @@ discover -> resume filter -> DataLoader workers (model.preparer: decode + sample
 -> collate -> pinned, non-blocking copy -> forward under autocast -> postprocess -> sinks.
 
 The GPU is kept busy by a one-batch lookahead: batch n+1 is collated and copied while batch n's
-forward runs, and batch n's results are fetched and written after n+1 is launched.
+forward runs, and batch n's results are fetched and written after n+1 is launched. On the CPU
+the forward is synchronous, so there is nothing to overlap: each batch is written when it is done.
 """
 
 from __future__ import annotations
@@ -361,7 +362,10 @@ class _Engine:
                 launched = self._launch(group, chunk.batch if whole else None)
                 if pending is not None:
                     self._finish(*pending)
-                pending = launched
+                if self.device.type != "cpu":
+                    pending = launched
+                else:  # the forward has run already: write the batch now (progress, less lost to a kill)
+                    self._finish(*launched)
         if pending is not None:
             self._finish(*pending)
         self.flush()
@@ -618,5 +622,5 @@ def report(summary: dict[str, Any], quiet: bool) -> None:
         f"rows in {summary['table']}: {summary['rows_in_table']}"
     )
     if random:
-        console.print("RANDOM WEIGHTS: every score is noise from an untrained model (smoke tests and speed "
-                      "only), whatever range `qscore models` documents", style="bold red", highlight=False)
+        console.print("RANDOM WEIGHTS: every score is noise from an untrained model, for smoke tests and "
+                      "speed only", style="bold red", highlight=False)
