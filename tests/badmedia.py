@@ -183,11 +183,39 @@ def make_bad_media(folder: str | os.PathLike) -> dict[str, str]:
     if os.access(locked, os.R_OK):  # root reads it anyway
         expected[locked.name] = "ok"
 
+    put("animated.gif", gif_bytes([gradient(24, 32), 255 - gradient(24, 32)]), "ok")  # the first frame
+    put("png_named.jpg", png_bytes(photo), "ok")  # wrong extension, readable content
+    for odd in ("with space.png", "ünï cøde 名前.png", "new\nline.png", "-dash-first.png", "#hash;semi.png"):
+        put(odd, png_bytes(photo), "ok")
+    (root / "album.jpg").mkdir()  # a folder named like an image: walked, not scored
+    put("album.jpg/inside.png", png_bytes(photo), "ok")
+
     make_video(root / "good.mp4")
     expected["good.mp4"] = "ok"
+    make_video(root / "one_frame.mp4", n=1)
+    expected["one_frame.mp4"] = "ok"
+    make_video(root / "odd name ü.mp4")
+    expected["odd name ü.mp4"] = "ok"
+    put("empty.mp4", b"", "error")
     put("text.mp4", b"not a video, just text\n" * 40, "error")
+    put("jpeg_named.mp4", good_jpeg, "ok")  # wrong extension: FFmpeg reads a JPEG as a one-frame video
+    put("video_named.jpg", (root / "good.mp4").read_bytes(), "error")  # wrong extension: a video
     truncate(make_video(root / "truncated.mp4", n=60), 0.6)  # index at the end: cut away
     expected["truncated.mp4"] = "error"
     make_audio_only(root / "audio_only.mp4")
     expected["audio_only.mp4"] = "error"
+    video_loop = root / "symlink_loop.mp4"
+    os.symlink(video_loop.name, video_loop)
+    expected[video_loop.name] = "error"
+    locked_video = make_video(root / "unreadable.mp4")
+    locked_video.chmod(0)
+    expected[locked_video.name] = "error" if not os.access(locked_video, os.R_OK) else "ok"
     return expected
+
+
+def gif_bytes(frames: list[np.ndarray]) -> bytes:
+    """An animated GIF of the given uint8 (h, w, 3) frames."""
+    buf = io.BytesIO()
+    first, *rest = (Image.fromarray(f) for f in frames)
+    first.save(buf, "GIF", save_all=True, append_images=rest, duration=100, loop=0)
+    return buf.getvalue()

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from qscore.items import Item, safe_text
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp")
 MANIFEST_EXTS = (".txt", ".csv", ".lst")
 REF_TAG = ".ref"  # CIML folder convention: <stem>.ref.<ext> is the authentic source of <stem>.<ext>

@@ -228,7 +228,8 @@ class OutputLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 pid = _read_pid(self.path)
-                if pid is not None and _alive(pid):
+                # our own pid: a run killed in another container (pids restart there) left it
+                if pid is not None and pid != os.getpid() and _alive(pid):
                     raise LockedError(f"{self.path} is held by running qscore process {pid}") from None
                 self.path.unlink(missing_ok=True)  # stale: its owner died
                 continue

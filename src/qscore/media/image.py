@@ -82,9 +82,10 @@ def load_image(
             if max_side:
                 _draft(img, max_side)
             try:
-                img.load()
-                if getattr(img, "n_frames", 1) > 1:
-                    notes.append(f"{img.n_frames} frames; the first is used")
+                frames = getattr(img, "n_frames", 1)  # counting seeks through the file and back: before
+                img.load()  # the load, or an animation's first frame is read after the file is closed
+                if frames > 1:
+                    notes.append(f"{frames} frames; the first is used")
                 img, transposed = _orient(img, notes)
                 size = size[::-1] if transposed else size
             except OSError as e:

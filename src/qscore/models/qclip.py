@@ -175,7 +175,7 @@ class QCLIP(Model):
         paper="arXiv 2508.06092",
         licence="Apache-2.0 (PE-Core weights); qscore-trained heads inherit their data's terms",
         weights_keys=(OFFICIAL_BACKBONES[PE_L14], HEAD_KEY),
-        score_range="trained head: unbounded, scale of its training run (PLCC loss); zero-shot: [1, 5]",
+        score_range="trained head: unbounded, scale of its training run (PLCC loss); zero-shot: [1, 5]; --weights random: any value",
         columns={f"sim_{level}": pa.float32() for level in LEVELS},
     )
     Config = QCLIPConfig
