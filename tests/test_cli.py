@@ -73,3 +73,25 @@ def test_score_ranges_say_what_random_weights_give():
     for name in registry.names():
         spec = registry.get(name).spec
         assert spec.score_range.startswith("[0, 1]") or "random" in spec.score_range or "unbounded" in spec.score_range, name
+
+
+def test_usable_cpus_follow_affinity_and_cgroup_quota(tmp_path, monkeypatch):
+    from qscore import cpus
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # docker --cpus 1.5
+    assert cpus._cgroup_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpus._cgroup_quota(v2) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpus._cgroup_quota(tmp_path / "v1") == 2.0
+    assert cpus._cgroup_quota(tmp_path / "none") is None
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(64)))  # a big host
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: 1.5)
+    assert cpus.usable_cpus() == 2
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: None)
+    assert cpus.usable_cpus() == 64

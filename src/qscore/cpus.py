@@ -22,17 +22,14 @@ def usable_cpus() -> int:
     return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
 
 
-def _cgroup_quota() -> float | None:
-    """CPUs granted by the cgroup quota (``cpu.max`` or ``cpu.cfs_quota_us / cpu.cfs_period_us``),
-    None when unlimited or unreadable."""
-    for quota_file, period_file in (
-        ("/sys/fs/cgroup/cpu.max", None),
-        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
-    ):
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs granted by the cgroup quota (v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``), None when unlimited or unreadable."""
+    for quota_file, period_file in ((root / "cpu.max", None), (root / "cpu/cpu.cfs_quota_us", root / "cpu/cpu.cfs_period_us")):
         try:
-            fields = Path(quota_file).read_text().split()
+            fields = quota_file.read_text().split()
             if period_file:
-                fields.append(Path(period_file).read_text().strip())
+                fields.append(period_file.read_text().strip())
             quota, period = fields[0], float(fields[1])
         except (OSError, IndexError, ValueError):
             continue
