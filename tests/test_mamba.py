@@ -173,6 +173,19 @@ def test_block_shapes_dtype_and_eval_determinism():
     assert torch.allclose(block(x[:1]), out[:1], atol=1e-6)  # no coupling across the batch
 
 
+def test_drop_path_draws_as_timms():
+    from timm.layers import DropPath as TimmDropPath
+
+    x = torch.randn(64, 5, 8)
+    for p in (0.1, 0.5):
+        ours, theirs = mamba.DropPath(p).train(), TimmDropPath(p).train()
+        torch.manual_seed(0)
+        a = ours(x)
+        torch.manual_seed(0)
+        assert torch.equal(a, theirs(x))
+    assert torch.equal(mamba.DropPath(0.5).eval()(x), x)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

@@ -38,7 +38,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import Tensor, nn
 
 IMPLS = ("auto", "reference", "fused")
@@ -281,6 +280,21 @@ def _init_dt_proj(dt_proj: nn.Linear, dt_min: float = 1e-3, dt_max: float = 0.1)
     dt = dt.clamp(min=1e-4)
     with torch.no_grad():
         dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample, as timm's ``DropPath`` (same draws), without importing timm:
+    that alone takes over 3 s, most of an MVQA run's start-up."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * (keep / (1 - self.p) if self.p < 1 else keep)
 
 
 class MambaBlock(nn.Module):
