@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from qscore.models import mamba
-from qscore.models.base import Item
 from qscore.models.mvqa import MVQA, USDSPreparer, backbone_input
+from qscore.types import Item
 
 DEFAULT_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "bikes.mp4"
 

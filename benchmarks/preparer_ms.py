@@ -13,7 +13,7 @@ import time
 import torch
 
 from qscore import registry
-from qscore.models.base import Item
+from qscore.types import Item
 
 torch.set_num_threads(1)
 path = sys.argv[1]

@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from qscore.bench import bench, synthesize
-    from qscore.discover import discover
+    from qscore.media.discover import discover
     from qscore.runner import RunConfig, build_model, pick_device
 
     device = pick_device(args.device)

@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 
 from qscore import registry
-from qscore.models.base import Item
 from qscore.train.metrics import srcc
+from qscore.types import Item
 
 
 def features(model, csv: Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

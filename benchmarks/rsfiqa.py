@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qscore.models.base import Item
 from qscore.models.rsfiqa import RSFIQA
 from qscore.models.sam_regions import RegionRules, SamRegions, build_sam, sam_input, stock_label_map
+from qscore.types import Item
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "biq2021" / "images"
 SETTINGS = {"sam-defaults": RegionRules(), "loose": RegionRules(pred_iou_thresh=0.3, stability_score_thresh=0.6)}

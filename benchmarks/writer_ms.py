@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from qscore.models.base import Item
 from qscore.models.rsfiqa import RSFIQA
 from qscore.sinks import write_artefacts
+from qscore.types import Item
 
 parser = argparse.ArgumentParser()
 parser.add_argument("images", nargs="+")

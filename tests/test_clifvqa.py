@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from qscore.models.base import Item, MissingWeights
 from qscore.models.clifvqa import CLiFVQA, parse_pairs, window_heat
 from qscore.train.synth import encode_mp4
+from qscore.types import Item, MissingWeights
 
 
 def make_video(path, frames: np.ndarray) -> Item:

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qscore.media import MediaError, image as image_mod, video as video_mod
+from qscore.media import image as image_mod, video as video_mod
 from qscore.media.image import load_image
 from qscore.media.sampling import framediff_indices, uniform_indices
 from qscore.media.video import open_video
+from qscore.types import MediaError
 from tests.badmedia import (
     bomb_png,
     exif_rotated_jpeg,

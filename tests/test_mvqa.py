@@ -13,8 +13,8 @@ import torch
 
 from qscore.media.sampling import clip_indices, to_tensor, usds
 from qscore.media.video import open_video
-from qscore.models.base import Item, MissingWeights
 from qscore.models.mvqa import MVQA, backbone_input
+from qscore.types import Item, MissingWeights
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "video"
 

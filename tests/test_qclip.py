@@ -12,8 +12,8 @@ import torch
 from scipy import stats
 
 from qscore.models import qclip
-from qscore.models.base import Item, MissingWeights
 from qscore.models.qclip import LEVELS, QCLIP
+from qscore.types import Item, MissingWeights
 
 S = 64  # tiny input side
 JUMPS = [3, 7, 14, 19, 26, 33, 38, 45]  # one motion event in each of 8 segments of 6 frames

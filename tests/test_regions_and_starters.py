@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qscore.models.base import Item
 from qscore.models.rsfiqa import RSFIQA
 from qscore.models.sam_regions import RegionRules, slic_label_map
-from qscore.runner import RunConfig, UsageError, build_model
+from qscore.runner import RunConfig, build_model
+from qscore.types import Item, UsageError
 from qscore.weights import Registry, file_sha256, save_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

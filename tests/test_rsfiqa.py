@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qscore.models.base import Item, MissingWeights
 from qscore.models.rsfiqa import RSA, RSFIQA, Backbone, parse_answer
+from qscore.types import Item, MissingWeights
 
 SMALL = dict(backbone="test_resnet", crop_size=64, test_grid=2, max_side=128, dim=32, heads=2)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qscore.media import MediaError
+from qscore.types import MediaError
 from qscore.media.sampling import (
     IMAGENET_MEAN,
     IMAGENET_STD,

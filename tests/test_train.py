@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from qscore.media.image import load_image
 from qscore.media.sampling import squash_resize, to_tensor
-from qscore.models.base import Item, Model, ModelSpec, Sample
-from qscore.runner import UsageError
+from qscore.models.base import Model, ModelSpec
 from qscore.train.labels import LabelError, read_labels
 from qscore.train.loop import TrainOptions, WarmupCosine, _param_groups, evaluate, train
+from qscore.types import Item, Sample, UsageError
 from qscore.weights import Registry, load_checkpoint
 
 PRISTINE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pristine"

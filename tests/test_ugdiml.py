@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from qscore.media import MediaError
-from qscore.models.base import Item, MissingWeights
 from qscore.models.ugdiml import TRAIN_STEPS, UGDIML
 from qscore.train.metrics import ForgeryMeter
+from qscore.types import Item, MediaError, MissingWeights
 
 
 def make_model(**overrides) -> UGDIML:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from qscore import registry as model_registry
-from qscore.models.base import MissingWeights
+from qscore.types import MissingWeights
 from qscore.weights import (
     PACKAGED,
     BadWeights,

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from qscore import registry
-from qscore.discover import discover
-from qscore.models.base import Item
+from qscore.media.discover import discover
 from qscore.runner import RunConfig, build_model, pick_device, run
+from qscore.types import Item
 
 
 def synthesize(kind: str, n: int, folder: Path, seed: int = 0) -> list[str]:

@@ -10,8 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from qscore import __version__, registry
-from qscore.config import EXIT_USAGE, RunConfig, UsageError, check, parse_sets
-from qscore.discover import DiscoveryError
+from qscore.config import EXIT_USAGE, RunConfig, check, parse_sets
+from qscore.media.discover import DiscoveryError
+from qscore.types import UsageError
 
 app = typer.Typer(
     help=(
@@ -331,7 +332,7 @@ def weights_pull(keys: Annotated[list[str], typer.Argument(help="weights.toml ke
 
       qscore weights pull sam-vit-b clip-vit-b16-openai
     """
-    from qscore.models.base import MissingWeights
+    from qscore.types import MissingWeights
 
     reg, failed = _registry(registry_file), False
     for key in keys:

@@ -13,13 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from qscore import registry
-from qscore.discover import check_inputs
+from qscore.media.discover import check_inputs
+from qscore.types import UsageError  # noqa: F401 - the run vocabulary is also taken from here
 
 EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad options, unknown model, missing weights, unwritable output: exit code 2."""
 
 
 @dataclass

@@ -35,13 +35,12 @@ from qscore.config import (  # noqa: F401 - callers take the run's vocabulary fr
     EXIT_OK,
     EXIT_USAGE,
     RunConfig,
-    UsageError,
     check,
     parse_sets,
 )
 from qscore.cpus import usable_cpus
-from qscore.discover import DiscoveryError, discover
-from qscore.models.base import Item, MissingWeights, Model, Output, Sample, safe_text
+from qscore.media.discover import DiscoveryError, discover
+from qscore.models.base import Model
 from qscore.sinks import (
     LockedError,
     OutputLock,
@@ -52,6 +51,7 @@ from qscore.sinks import (
     write_artefacts,
     write_summary,
 )
+from qscore.types import Item, MissingWeights, Output, Sample, UsageError, safe_text
 
 log = logging.getLogger("qscore")
 

@@ -50,7 +50,7 @@ from typing import Any, Iterator
 import torch
 
 from qscore import __version__
-from qscore.models.base import MissingWeights
+from qscore.types import MissingWeights
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,3 @@
 """Decoding and sampling of images and videos, shared by every model."""
 
-
-class MediaError(Exception):
-    """A file that cannot be decoded or sampled; the message becomes the row's ``error``."""
+from qscore.types import MediaError  # noqa: F401  (qscore.media.MediaError, as before)

@@ -17,7 +17,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from qscore.media import MediaError
+from qscore.types import MediaError
 
 MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold (~ 9459 x 9459)
 WHITE = 255

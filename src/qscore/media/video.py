@@ -17,8 +17,8 @@ from typing import Any, Iterator, Sequence
 import av
 import numpy as np
 
-from qscore.media import MediaError
 from qscore.media.image import looks_like_text, open_file
+from qscore.types import MediaError
 
 DECORD_FAULT_TOL = "0.000001"  # a ratio: one recovered (duplicated) frame already exceeds it
 MAX_FRAMES_PER_CALL = 1024  # frames one ``frames()`` call may return

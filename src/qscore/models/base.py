@@ -23,12 +23,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
-import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
 
-from qscore.items import Item, safe_text  # noqa: F401 - models and the runner take them from here
+from qscore.types import Item, MissingWeights, Output, Sample
 
 
 @dataclass(frozen=True)
@@ -45,36 +44,6 @@ class ModelSpec:
     score_range: str = "[0, 1]"  # documented direction and range (USERS.md #8)
     columns: dict[str, pa.DataType] = field(default_factory=dict)  # extra per-model columns
     artefacts: tuple[str, ...] = ()  # subset of ("heatmap", "mask", "uncertainty")
-
-
-@dataclass
-class Sample:
-    """What a worker hands to the main process for one file.
-
-    ``inputs``: tensors for ``collate`` (per file, no batch dim). ``facts``: media columns
-    (width, height, n_frames, fps, duration_s, frames_used, decoder, decode_warnings, decode_ms).
-    ``keep``: CPU-side things ``postprocess`` needs (original size, a preview frame for an
-    overlay, ...).
-    """
-
-    item: Item
-    inputs: dict[str, torch.Tensor]
-    facts: dict[str, Any] = field(default_factory=dict)
-    keep: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Output:
-    """One file's result: row ``columns`` (``score`` and the model's own columns) and artefact
-    images keyed by kind ("heatmap", "mask", "uncertainty"): uint8 (H, W) or (H, W, 3)."""
-
-    columns: dict[str, Any]
-    artefacts: dict[str, np.ndarray] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # float maps for optional .npz
-
-
-class MissingWeights(RuntimeError):
-    """A weights file the run needs is not available; the CLI turns it into exit code 2."""
 
 
 class Model(nn.Module):

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, normalize
-from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Output, Sample
+from qscore.models.base import Model, ModelSpec
 from qscore.models.clip_common import AntonymPrompts, build_clip, encode_images
+from qscore.types import Item, MissingWeights, Output, Sample
 
 OBJECTIVE = "sharp/blurry, clean/noisy, bright/dark, colorful/dull, smooth/blocky"
 SUBJECTIVE = (

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from qscore.cpus import usable_cpus
 from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, channels_first, clip_indices, normalize, uniform_indices, usds
 from qscore.media.video import open_video
-from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Sample
+from qscore.models.base import Model, ModelSpec
 from qscore.models.mamba import IMPLS, MambaBlock
+from qscore.types import Item, MissingWeights, Sample
 
 
 @dataclass

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from qscore.media.sampling import FRAME_SAMPLERS, normalize, select_frames
 from qscore.media.video import open_video
-from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Output, Sample
+from qscore.models.base import Model, ModelSpec
+from qscore.types import Item, MissingWeights, Output, Sample
 
 LEVELS = ("bad", "poor", "fair", "good", "excellent")
 PROMPT = "a video of {} quality"  # after one "X" per context vector, whose embeddings are replaced

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qscore.models.base import Item, MissingWeights, Model, ModelSpec, Output, Sample
+from qscore.models.base import Model, ModelSpec
+from qscore.types import Item, MissingWeights, Output, Sample
 from qscore.models.sam_regions import (
     SAM_KEYS,
     RegionCache,

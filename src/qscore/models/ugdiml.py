@@ -33,10 +33,10 @@ from diffusers import DDIMScheduler, UNet2DModel
 from torch import Tensor, nn
 
 from qscore.artefacts import to_uint8
-from qscore.media import MediaError
 from qscore.media.image import load_image
 from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, normalize, squash_resize, to_tensor
-from qscore.models.base import Item, Model, ModelSpec, Output, Sample
+from qscore.models.base import Model, ModelSpec
+from qscore.types import Item, MediaError, Output, Sample
 
 TRAIN_STEPS = 1000  # T
 BETA_START, BETA_END = 1e-4, 0.02

@@ -15,7 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from qscore.config import EXIT_USAGE, UsageError, parse_sets
+from qscore.config import EXIT_USAGE, parse_sets
+from qscore.types import UsageError
 
 Model = Annotated[str, typer.Argument(help="Model name (see `qscore models`), e.g. mvqa, qclip, clifvqa, rsfiqa, ugdiml.", show_default=False)]
 Labels = Annotated[str, typer.Option("--labels", "-l", help="Label CSV: path,mos | FAST-VQA filename,duration,fps,MOS | forged,reference,mask.", show_default=False)]

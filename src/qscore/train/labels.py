@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qscore.models.base import Item
+from qscore.types import Item
 
 PATH_COLUMNS = ("path", "filename", "file", "name")
 SCORE_COLUMNS = ("mos", "score", "label")

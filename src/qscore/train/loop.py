@@ -28,10 +28,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from qscore import __version__, registry
-from qscore.models.base import MissingWeights, Model, Sample
-from qscore.runner import Failure, Prepared, UsageError, pick_device
+from qscore.models.base import Model
+from qscore.runner import Failure, Prepared, pick_device
 from qscore.train.labels import Labels, read_labels
 from qscore.train.metrics import ForgeryMeter, quality_metrics
+from qscore.types import MissingWeights, Sample, UsageError
 
 log = logging.getLogger("qscore")
 

@@ -11,7 +11,7 @@ import errno
 import os
 from dataclasses import replace
 
-from qscore.items import Item, safe_text
+from qscore.types import Item, safe_text
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp")
