@@ -27,7 +27,6 @@ not re-hash gigabytes; a file replaced after its record is re-hashed on next use
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import http.client
 import json
@@ -35,7 +34,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -45,11 +43,12 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from qscore import __version__
+from qscore.fsutil import atomic_file  # also qscore.weights.atomic_file, as before
 from qscore.types import MissingWeights
 
 log = logging.getLogger(__name__)
@@ -506,17 +505,3 @@ def snippet(key: str, card: dict, path: str | os.PathLike) -> str:
 
 def card_path(path: Path) -> Path:
     return path.with_suffix(".json")
-
-
-@contextlib.contextmanager
-def atomic_file(dest: Path) -> Iterator[Path]:
-    """``with atomic_file(dest) as tmp:`` write ``tmp`` (same folder); it becomes ``dest`` by
-    one rename on success and is removed on failure."""
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import batched_nms
+
+from qscore.fsutil import atomic_file
 
 SAM_KEYS = {"vit_b": "sam-vit-b", "vit_l": "sam-vit-l", "vit_h": "sam-vit-h"}
 
@@ -333,14 +334,8 @@ class RegionCache:
     def save(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, suffix=".tmp") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
 
 def default_cache_dir() -> Path:

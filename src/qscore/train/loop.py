@@ -67,7 +67,8 @@ class TrainOptions:
 # ---- training ------------------------------------------------------------------------------
 def train(opts: TrainOptions) -> dict:
     """Run (or resume) a training; returns a summary with the best checkpoint and its snippet."""
-    from qscore.weights import Registry, atomic_file, load_checkpoint, snippet
+    from qscore.fsutil import atomic_file
+    from qscore.weights import Registry, load_checkpoint, snippet
 
     if opts.epochs < 1 or opts.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")

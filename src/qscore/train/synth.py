@@ -36,6 +36,7 @@ from PIL import Image, ImageFilter
 from scipy.ndimage import binary_dilation, gaussian_filter
 
 from qscore import __version__
+from qscore.fsutil import atomic_file
 
 DEFAULT_PRISTINE = "../shared/data/pristine"
 SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
@@ -244,8 +245,7 @@ def encode_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, crf: int) 
     reproducible."""
     import av
 
-    tmp = Path(f"{path}.part")
-    with av.open(str(tmp), "w", format="mp4") as container:
+    with atomic_file(path, private=False) as tmp, av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
@@ -253,7 +253,6 @@ def encode_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, crf: int) 
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
-    tmp.replace(path)
 
 
 def make_video(task: VideoTask) -> dict:
