@@ -61,6 +61,12 @@ WRITERS = min(4, usable_cpus())
 MAX_QUEUED = WRITERS + 1  # batches waiting for or in the writer threads
 
 
+def default_workers() -> int:
+    """DataLoader workers for ``--workers -1`` (scoring, training and evaluation alike): one per
+    CPU this process may use (affinity, cgroup quota), at most 16."""
+    return min(16, usable_cpus())
+
+
 @dataclass
 class Failure:
     """A file whose preparation failed in a worker."""
@@ -344,7 +350,7 @@ class _Engine:
         self._queued: deque[Future] = deque()
 
     def drive(self, todo: list[Item]) -> None:
-        workers = self.cfg.workers if self.cfg.workers >= 0 else min(16, usable_cpus())
+        workers = self.cfg.workers if self.cfg.workers >= 0 else default_workers()
         loader = DataLoader(
             Prepared(todo, self.model.preparer()),
             batch_size=chunk_size(len(todo), self.batch_size, workers),

@@ -25,7 +25,7 @@ Preset = Annotated[Optional[str], typer.Option("--preset", help="Model size pres
 Set = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Model option KEY=VALUE (repeatable), e.g. --set frames=16.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Batch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Files per batch.")]
-Workers = Annotated[int, typer.Option("--workers", "-j", help="CPU decode workers; -1 = one per core (max 8), 0 = in-process.")]
+Workers = Annotated[int, typer.Option("--workers", "-j", help="CPU decode workers; -1 = one per core (max 16), 0 = in-process.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for initialisation, shuffling and sampling.")]
 Registry_ = Annotated[Optional[str], typer.Option("--registry", help="weights.toml to use (default: $QSCORE_WEIGHTS, ./weights.toml, packaged).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from qscore import __version__, registry
 from qscore.models.base import Model
-from qscore.runner import Failure, Prepared, pick_device
+from qscore.runner import Failure, Prepared, default_workers, pick_device
 from qscore.train.labels import Labels, read_labels
 from qscore.train.metrics import ForgeryMeter, quality_metrics
 from qscore.types import MissingWeights, Sample, UsageError
@@ -306,7 +306,7 @@ def _loader(model: Model, labels: Labels, batch_size: int, workers: int, train: 
         batch_size=batch_size,
         shuffle=train,
         drop_last=train and len(labels) >= batch_size,
-        num_workers=workers if workers >= 0 else min(8, os.cpu_count() or 1),
+        num_workers=workers if workers >= 0 else default_workers(),
         collate_fn=list,
         generator=torch.Generator() if train else None,
     )
