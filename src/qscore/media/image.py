@@ -106,6 +106,19 @@ def load_image(
     return pixels, facts
 
 
+def load_mask(path: str) -> np.ndarray:
+    """A ground-truth forgery mask file (any image, decoded as ``load_image`` does) as bool
+    (H, W): a pixel is manipulated when its brightest channel is above 127. So white, grey and
+    coloured masks read alike: forgery datasets often mark manipulated pixels pure red
+    (255, 0, 0), whose luminance (76) a grey conversion would read as authentic. Training and
+    evaluation both read masks here. A bad file: MediaError naming the mask."""
+    try:
+        pixels, _ = load_image(path)
+    except MediaError as e:
+        raise MediaError(f"mask {os.path.basename(path)}: {e}") from e
+    return pixels.max(axis=2) > 127
+
+
 def _open_checked(f: IO[bytes], head: bytes, max_pixels: int) -> Image.Image:
     """Identify the format, check the file is whole (PNG chunk CRCs up to IEND) and small enough."""
     try:

@@ -33,7 +33,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from torch import Tensor, nn
 
 from qscore.artefacts import to_uint8
-from qscore.media.image import load_image
+from qscore.media.image import load_image, load_mask
 from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, normalize, squash_resize, to_tensor
 from qscore.models.base import Model, ModelSpec
 from qscore.types import Item, MediaError, Output, Sample
@@ -304,13 +304,9 @@ class UGDIMLPrepare:
         return normalize(self._resize(to_tensor(pixels[None]), box, flip), IMAGENET_MEAN, IMAGENET_STD)[0]
 
     def _mask(self, path: str | None, box, flip: bool) -> Tensor:
-        """GT mask file (any image; pixels > 127 are manipulated) -> {0, 1} (1, size, size);
+        """GT mask file (``load_mask``: brightest channel > 127 is manipulated) -> {0, 1} (1, size, size);
         no file: an authentic image, all zeros."""
         if path is None:
             return torch.zeros(1, self.size, self.size)
-        try:
-            pixels, _ = load_image(path)
-        except MediaError as e:
-            raise MediaError(f"mask {os.path.basename(path)}: {e}") from e
-        mask = torch.from_numpy(pixels.max(axis=2) > 127).float()[None, None]
+        mask = torch.from_numpy(load_mask(path)).float()[None, None]
         return (self._resize(mask, box, flip)[0] > 0.5).float()

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from qscore import __version__, registry
+from qscore.media.image import load_mask
 from qscore.models.base import Model
 from qscore.runner import Failure, Prepared, default_workers, pick_device
 from qscore.train.labels import Labels, read_labels
@@ -329,14 +330,11 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _gt_mask(path: str | None, fallback_hw: Sequence[int]) -> np.ndarray:
-    """The GT mask as bool (H, W) (> 127 in its first channel); no mask: an empty one at the
-    model's output size (authentic image)."""
+    """The GT mask as bool (H, W) (``load_mask``, as training reads it); no mask: an empty one at
+    the model's output size (authentic image)."""
     if not path:
         return np.zeros(tuple(int(v) for v in fallback_hw), bool)
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L")) > 127
+    return load_mask(path)
 
 
 def _row(labels: Labels, index: int) -> dict:
