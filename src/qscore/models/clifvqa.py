@@ -158,7 +158,7 @@ class CLiFVQA(Model):
         paper="arXiv:2311.07090 (ACM MM 2024); CLiF-VQA+ decoupled variant",
         licence="MIT (openai CLIP weights); qscore heads Apache-2.0",
         weights_keys=("clip-vit-b16-openai", "clifvqa-head"),
-        score_range="zero-shot: [0, 1], higher better; trained head: the training labels' scale; --weights random: any value",
+        score_range="zero-shot: [0, 1], higher better; trained head or starter: unbounded, higher better, linear in the training labels but not on their scale (PLCC + rank loss); --weights random: any value",
         columns={feeling_name(p): pa.float32() for p, _ in parse_pairs(OBJECTIVE) + parse_pairs(SUBJECTIVE)},
         artefacts=("heatmap",),
     )

@@ -149,7 +149,7 @@ class MVQA(Model):
         paper="arXiv:2504.16003",
         licence="Apache-2.0 (VideoMamba code and Kinetics-400 weights); no official MVQA weights",
         weights_keys=("videomamba-t16-k400", "videomamba-m16-k400", "mvqa-head"),
-        score_range="unbounded: the scale of the labels the head was trained on (higher is better)",
+        score_range="unbounded, higher better: linear in the labels the head was trained on but not on their scale (PLCC + rank loss)",
     )
     Config = MVQAConfig
     presets = {
