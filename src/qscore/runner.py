@@ -214,16 +214,20 @@ def _head_card(reg: Any, key: str) -> dict | None:
         path = reg.path(key) if key in reg.keys() and reg.entry(key).kind != "none" else None
     except MissingWeights:
         return None  # load_official reports it
-    return _card(path, key) if path is not None and path.with_suffix(".json").is_file() else None
+    from qscore.weights import card_path
+
+    return _card(path, key) if path is not None and card_path(path).is_file() else None
 
 
 def _card(path: Path, what: str) -> dict:
     """The JSON card beside a checkpoint (its preset and config)."""
-    card_path = path.with_suffix(".json")
+    from qscore.weights import card_path
+
+    card = card_path(path)
     try:
-        return json.loads(card_path.read_text())
+        return json.loads(card.read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"{what}: cannot read its card {card_path}: {e}") from e
+        raise UsageError(f"{what}: cannot read its card {card}: {e}") from e
 
 
 def run(cfg: RunConfig) -> int:

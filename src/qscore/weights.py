@@ -150,8 +150,9 @@ class Registry:
             return None
         file = self.path(key)
         entry = self.entries[key]
-        if entry.sha256 and file_sha256(file) != entry.sha256:
-            raise BadWeights(f"{key}: {file} has sha256 {file_sha256(file)}, weights.toml expects {entry.sha256}")
+        got = file_sha256(file) if entry.sha256 else ""
+        if got != entry.sha256:
+            raise BadWeights(f"{key}: {file} has sha256 {got}, weights.toml expects {entry.sha256}")
         return key, file
 
     # ---- getting files --------------------------------------------------------------------------
