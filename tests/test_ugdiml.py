@@ -82,8 +82,8 @@ def test_class_embedding_switches_the_output(model):
     x_t, features = torch.randn(2, 1, 32, 32), torch.randn(2, 4, 32, 32)
     t = torch.tensor([500, 500])
     with torch.inference_mode():
-        iml = model.predict_noise(x_t, t, features, torch.tensor([False, False]))
-        ciml = model.predict_noise(x_t, t, features, torch.tensor([True, True]))
+        iml = model.denoise(x_t, t, features, torch.tensor([False, False]))
+        ciml = model.denoise(x_t, t, features, torch.tensor([True, True]))
     assert (iml - ciml).abs().max() > 1e-4
 
 
@@ -214,3 +214,53 @@ def test_gpu_bf16_matches_batch_of_one(images):
     together, alone = forward(samples), forward(samples[1:])
     assert together["prob"].shape == (2, 32, 32) and torch.isfinite(together["prob"]).all()
     torch.testing.assert_close(alone["prob"][0], together["prob"][1], atol=2e-2, rtol=0)
+
+
+def test_images_at_a_larger_scale_are_strided_down_to_the_mask_size(tmp_path):
+    """image_scale = 4: the preparer keeps the images at 4 x the mask side, the Condition Control
+    Module brings them back to the mask side; image_scale = 1 keeps today's module layout (old
+    checkpoints load)."""
+    model = make_model(image_scale=4)
+    item = write_image(tmp_path / "a.png", 50, 70, 1)
+    sample = model.preparer()(item)
+    side = model.config.size
+    assert sample.inputs["forged"].shape == (3, 4 * side, 4 * side)
+    assert sample.inputs["noise"].shape[-2:] == (side, side)
+    features = model.condition(sample.inputs["forged"][None], sample.inputs["reference"][None], torch.tensor([False]))
+    assert features.shape == (1, model.config.cond_channels, side, side)
+    with torch.inference_mode():
+        out = model(model.collate([sample]))
+    assert out["prob"].shape == (1, side, side)
+    assert sorted(make_model().condition.state_dict()) == ["net.0.bias", "net.0.weight", "net.1.bias",
+                                                             "net.1.weight", "net.3.bias", "net.3.weight"]
+    with pytest.raises(ValueError, match="power of two"):
+        make_model(image_scale=3)
+
+
+def test_x0_prediction_learns_the_mask_with_its_loss(tmp_path):
+    """prediction = sample: the loss is x0 MSE + Dice, it falls when the model is fitted to one
+    batch, and sampling then returns that mask (the DDIM scheduler reads the output as x0)."""
+    torch.manual_seed(0)
+    model = make_model(prediction="sample", ciml_prob=1.0)
+    size = model.config.size
+    mask = torch.zeros(2, 1, size, size)
+    mask[:, :, 8:24, 8:24] = 1
+    forged = torch.randn(2, 3, size, size)
+    batch = {"forged": forged, "reference": forged * (1 - mask), "ciml": torch.tensor([True, True]), "mask": mask}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(60):
+        loss = model.training_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    model.eval()
+    noise = torch.randn(2, model.config.samples, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        prob = model({**batch, "noise": noise})["prob"]
+    assert ((prob > 0.5) == mask[:, 0].bool()).float().mean() > 0.9
+    with pytest.raises(ValueError, match="epsilon or sample"):
+        make_model(prediction="x0")

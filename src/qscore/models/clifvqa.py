@@ -175,6 +175,15 @@ class CLiFVQA(Model):
             "hidden": 32,
             "backbone_lr_scale": 1.0,  # its backbone learns from scratch
         },
+        # the shipped starter: no CLIP weights are needed (tiny random CLIP), so the spatial
+        # branch carries the score: 8 frames, 7 x 7 fragments, ResNet-10 learned from scratch
+        "starter": {
+            "clip_tiny": True,
+            "window_grid": (2, 2),
+            "spatial_backbone": "resnet10t",
+            "hidden": 128,
+            "backbone_lr_scale": 1.0,
+        },
     }
 
     def __init__(self, config: CLiFVQAConfig):

@@ -52,12 +52,14 @@ class UGDIMLConfig:
     threshold: float = 0.5  # mask = P > threshold
     score_top: float = 0.01  # image score: mean of the top 1 % of P
     seed: int = 0  # per-file noise seed: item.seed(seed)
+    prediction: str = "epsilon"  # the denoiser predicts "epsilon" (the noise) or "sample" (the clean mask x0)
     channels: tuple = (32, 64, 128, 256, 256)  # UNet levels; each but the last halves the size
     layers_per_block: int = 2
     attention_levels: int = 1  # the deepest levels with self-attention (plus the mid block)
     head_dim: int = 32
     groups: int = 8  # GroupNorm groups
     cond_channels: int = 32  # Condition Control Module output, concatenated with x_t
+    image_scale: int = 1  # the images enter at (size x image_scale)^2, strided down to size once per file
     ciml_prob: float = 0.5  # training: share of pairs with a reference trained as CIML
     crop_min: float = 0.5  # training: smallest random crop, as a fraction of the image area
     lr: float = 3e-4  # training: AdamW learning rate (`qscore train --lr` overrides it)
@@ -66,21 +68,25 @@ class UGDIMLConfig:
 class ConditionControl(nn.Module):
     """Condition Control Module: (forged, reference, ciml) -> features (B, C, S, S).
 
-    In IML (``ciml`` False) the reference and the difference are replaced by zeros, whatever
-    was passed, so IML never sees a reference.
+    The images may come at ``scale`` x the mask size (a power of two): stride-2 convolutions
+    bring them down to S, so the fine traces of an edit (resampling, noise, JPEG grids) that a
+    resize to S would erase reach the denoiser; this runs once per file, not at every DDIM
+    step. In IML (``ciml`` False) the reference and the difference are replaced by zeros,
+    whatever was passed, so IML never sees a reference.
     """
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, scale: int = 1):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(9, channels, 3, padding=1),
-            nn.GroupNorm(math.gcd(groups, channels), channels),
-            nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-        )
+        if scale < 1 or scale & (scale - 1):
+            raise ValueError(f"image_scale must be a power of two, got {scale}")
+        norm = lambda: nn.GroupNorm(math.gcd(groups, channels), channels)  # noqa: E731
+        layers = [nn.Conv2d(9, channels, 3, padding=1), norm(), nn.SiLU()]
+        for _ in range(scale.bit_length() - 1):  # log2(scale) halvings
+            layers += [nn.Conv2d(channels, channels, 3, stride=2, padding=1), norm(), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(channels, channels, 3, padding=1))
 
     def forward(self, forged: Tensor, reference: Tensor, ciml: Tensor) -> Tensor:
-        """forged, reference: (B, 3, S, S) normalised; ciml: (B,) bool."""
+        """forged, reference: (B, 3, S x scale, S x scale) normalised; ciml: (B,) bool."""
         keep = ciml.to(forged.dtype).view(-1, 1, 1, 1)
         reference = reference * keep
         return self.net(torch.cat([forged, reference, (forged - reference).abs() * keep], 1))
@@ -91,7 +97,7 @@ class MaskDiffusion:
     ``alpha_bar[0] = 1``): ``add_noise`` at t = 0 returns x0, training draws t in 1..T, and DDIM
     ("trailing" spacing) starts at t = T and ends on the clean state."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, prediction: str = "epsilon"):
         betas = np.concatenate([[0.0], np.linspace(BETA_START, BETA_END, TRAIN_STEPS)])
         self.scheduler = DDIMScheduler(
             num_train_timesteps=TRAIN_STEPS + 1,
@@ -99,7 +105,7 @@ class MaskDiffusion:
             clip_sample=True,
             set_alpha_to_one=True,
             timestep_spacing="trailing",
-            prediction_type="epsilon",
+            prediction_type=prediction,
         )
         self.scheduler.set_timesteps(steps)
         # the scheduler's own table, rebuilt on the CPU so that meta-device construction works
@@ -141,18 +147,23 @@ class UGDIML(Model):
             "size": 32, "steps": 3, "samples": 2, "channels": (8, 16), "layers_per_block": 1,
             "head_dim": 8, "groups": 4, "cond_channels": 4,
         },
-        # the shipped starter: masks at 128 px, a four-level UNet, fewer DDIM samples, so one
-        # image takes seconds on a CPU
-        "starter": {"size": 128, "channels": (32, 64, 128, 128), "steps": 8, "samples": 4},
+        # the shipped starter: masks at 128 px from images at 512 px, a four-level UNet that
+        # predicts x0, fewer DDIM samples, so one image takes seconds on a CPU
+        "starter": {
+            "size": 128, "image_scale": 4, "channels": (32, 64, 128, 128), "steps": 8, "samples": 4,
+            "prediction": "sample",
+        },
     }
 
     def __init__(self, config: UGDIMLConfig):
         super().__init__(config)
         if config.mode not in ("iml", "ciml"):
             raise ValueError(f"mode must be iml or ciml, got {config.mode!r}")
+        if config.prediction not in ("epsilon", "sample"):
+            raise ValueError(f"prediction must be epsilon or sample, got {config.prediction!r}")
         levels = len(config.channels)
         attention = [i >= levels - config.attention_levels for i in range(levels)]
-        self.condition = ConditionControl(config.cond_channels, config.groups)
+        self.condition = ConditionControl(config.cond_channels, config.groups, config.image_scale)
         self.denoiser = UNet2DModel(
             sample_size=config.size,
             in_channels=1 + config.cond_channels,
@@ -166,17 +177,17 @@ class UGDIML(Model):
             resnet_time_scale_shift="scale_shift",
             num_class_embeds=2,  # class_embed_type None: nn.Embedding(2) added to the timestep embedding
         )
-        self.diffusion = MaskDiffusion(config.steps)
+        self.diffusion = MaskDiffusion(config.steps, config.prediction)
 
     # ---- data ----------------------------------------------------------------------------
     def preparer(self, train: bool = False) -> "UGDIMLPrepare":
         c = self.config
-        return UGDIMLPrepare(c.size, c.mode == "ciml", c.samples, c.seed, train, c.crop_min)
+        return UGDIMLPrepare(c.size, c.mode == "ciml", c.samples, c.seed, train, c.crop_min, c.size * c.image_scale)
 
     # ---- model ---------------------------------------------------------------------------
-    def predict_noise(self, x_t: Tensor, t: Tensor, features: Tensor, ciml: Tensor) -> Tensor:
-        """eps_theta(x_t, t | condition, class): x_t (N, 1, S, S), t (N,) or scalar, features
-        (N, C, S, S), ciml (N,) bool -> (N, 1, S, S) fp32."""
+    def denoise(self, x_t: Tensor, t: Tensor, features: Tensor, ciml: Tensor) -> Tensor:
+        """The denoiser's prediction (the noise or x0, by ``config.prediction``): x_t (N, 1, S, S),
+        t (N,) or scalar, features (N, C, S, S), ciml (N,) bool -> (N, 1, S, S) fp32."""
         x = torch.cat([x_t, features.to(x_t.dtype)], 1)
         return self.denoiser(x, t, class_labels=ciml.long()).sample.float()
 
@@ -189,7 +200,7 @@ class UGDIML(Model):
         labels = ciml.repeat_interleave(k)
         x = noise.reshape(b * k, 1, h, w).float()
         for t in self.diffusion.timesteps:
-            x = self.diffusion.step(self.predict_noise(x, t.to(x.device), features, labels), t, x)
+            x = self.diffusion.step(self.denoise(x, t.to(x.device), features, labels), t, x)
         probs = ((x.clamp(-1, 1) + 1) / 2).view(b, k, h, w)
         prob = probs.mean(1)
         top = max(1, round(self.config.score_top * h * w))
@@ -197,18 +208,24 @@ class UGDIML(Model):
         return {"score": score, "prob": prob, "std": probs.std(1, unbiased=False)}
 
     def training_loss(self, batch: dict[str, Tensor], targets: Tensor | None = None) -> Tensor:
-        """Epsilon MSE at a random t in 1..T. Pairs with a reference train as CIML with
-        probability ``ciml_prob`` and as IML otherwise (same weights, class 0, reference zeroed);
-        ``targets`` (image labels) are implied by the masks and not used."""
-        from qscore.train.losses import eps_mse
+        """At a random t in 1..T: epsilon MSE (``prediction = epsilon``), or x0 MSE plus soft Dice
+        on the predicted mask (``sample``: the segmentation-diffusion recipe, which learns the
+        condition in far fewer steps). Pairs with a reference train as CIML with probability
+        ``ciml_prob`` and as IML otherwise (same weights, class 0, reference zeroed); ``targets``
+        (image labels) are implied by the masks and not used."""
+        from qscore.train.losses import dice_loss, eps_mse
 
-        x0 = batch["mask"].float() * 2 - 1  # (B, 1, S, S)
+        mask = batch["mask"].float()  # (B, 1, S, S) in {0, 1}
+        x0 = mask * 2 - 1
         n = x0.shape[0]
         ciml = batch["ciml"] & (torch.rand(n, device=x0.device) < self.config.ciml_prob)
         t = self.diffusion.random_t(n, x0.device)
         eps = torch.randn_like(x0)
         features = self.condition(batch["forged"], batch["reference"], ciml)
-        return eps_mse(self.predict_noise(self.diffusion.add_noise(x0, eps, t), t, features, ciml), eps)
+        predicted = self.denoise(self.diffusion.add_noise(x0, eps, t), t, features, ciml)
+        if self.config.prediction == "epsilon":
+            return eps_mse(predicted, eps)
+        return F.mse_loss(predicted, x0) + dice_loss((predicted.clamp(-1, 1) + 1) / 2, mask)
 
     def postprocess(self, outputs: dict[str, Tensor], samples) -> list[Output]:
         """Maps back to each file's original size: binary mask (0/255), P x 255 and std / 0.5 x 255."""
@@ -237,8 +254,8 @@ class UGDIML(Model):
 
 @dataclass
 class UGDIMLPrepare:
-    """Item -> Sample: forged (and reference) image resized to size x size and normalised, and
-    the K initial noise maps drawn from the file's seed. ``train``: the GT mask instead of the
+    """Item -> Sample: forged (and reference) image resized to image_size^2 and normalised, and
+    the K initial noise maps (size^2) drawn from the file's seed. ``train``: the GT mask instead of the
     noise, and one random crop and flip applied alike to image, reference and mask."""
 
     size: int
@@ -247,15 +264,17 @@ class UGDIMLPrepare:
     seed: int
     train: bool = False
     crop_min: float = 0.5
+    image_size: int = 0  # the images' side; 0: size
 
     def __call__(self, item: Item) -> Sample:
         forged, facts = load_image(item.path)
         height, width = forged.shape[:2]
         reference = self._reference(item, (height, width), facts)
         box, flip = self._augmentation() if self.train else ((0.0, 0.0, 1.0, 1.0), False)
+        side = self.image_size or self.size
         inputs = {
             "forged": self._image(forged, box, flip),
-            "reference": torch.zeros(3, self.size, self.size) if reference is None else self._image(reference, box, flip),
+            "reference": torch.zeros(3, side, side) if reference is None else self._image(reference, box, flip),
             "ciml": torch.tensor(reference is not None),
         }
         if self.train:
@@ -290,18 +309,18 @@ class UGDIMLPrepare:
         top, left = (torch.rand(2) * (1 - side)).tolist()
         return (top, left, side, side), bool(torch.rand(()) < 0.5)
 
-    def _resize(self, x: Tensor, box: tuple[float, float, float, float], flip: bool) -> Tensor:
-        """(N, C, H, W) -> crop ``box`` (fractions) -> (N, C, size, size), flipped left-right."""
+    def _resize(self, x: Tensor, box: tuple[float, float, float, float], flip: bool, side: int) -> Tensor:
+        """(N, C, H, W) -> crop ``box`` (fractions) -> (N, C, side, side), flipped left-right."""
         h, w = x.shape[-2:]
         top, left, bh, bw = box
         y0, x0 = round(top * h), round(left * w)
         x = x[..., y0 : y0 + max(1, round(bh * h)), x0 : x0 + max(1, round(bw * w))]
-        x = squash_resize(x, (self.size, self.size))
+        x = squash_resize(x, (side, side))
         return x.flip(-1) if flip else x
 
     def _image(self, pixels: np.ndarray, box, flip: bool) -> Tensor:
-        """uint8 (H, W, 3) -> normalised (3, size, size)."""
-        return normalize(self._resize(to_tensor(pixels[None]), box, flip), IMAGENET_MEAN, IMAGENET_STD)[0]
+        """uint8 (H, W, 3) -> normalised (3, image_size, image_size)."""
+        return normalize(self._resize(to_tensor(pixels[None]), box, flip, self.image_size or self.size), IMAGENET_MEAN, IMAGENET_STD)[0]
 
     def _mask(self, path: str | None, box, flip: bool) -> Tensor:
         """GT mask file (``load_mask``: brightest channel > 127 is manipulated) -> {0, 1} (1, size, size);
@@ -309,4 +328,4 @@ class UGDIMLPrepare:
         if path is None:
             return torch.zeros(1, self.size, self.size)
         mask = torch.from_numpy(load_mask(path)).float()[None, None]
-        return (self._resize(mask, box, flip)[0] > 0.5).float()
+        return (self._resize(mask, box, flip, self.size)[0] > 0.5).float()

@@ -54,6 +54,14 @@ def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(pred.float(), target.float())
 
 
+def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss per sample, averaged: ``1 - (2 |P T| + 1) / (|P| + |T| + 1)`` over each
+    (1, H, W) map; the +1 makes an empty target with an empty prediction a zero loss (authentic
+    images). prob, target (B, 1, H, W) in [0, 1]."""
+    p, t = prob.float().flatten(1), target.float().flatten(1)
+    return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+
+
 def eps_mse(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Diffusion epsilon-prediction loss: mean squared error between the predicted and the true
     noise, e.g. (B, 1, H, W) each (UGD-IML)."""
