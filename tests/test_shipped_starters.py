@@ -76,9 +76,12 @@ def test_the_image_starter_scores_a_shared_photo(offline):
 def test_the_video_starter_scores_a_shared_clip(offline):
     clips = offline / "clips"
     clips.mkdir()
-    shutil.copy(SHARED / "video" / "carphone_pristine.mp4", clips)
-    rows = score(offline, "video", [clips], model="clifvqa")
-    assert list(rows.status) == ["ok"] and list(rows["head"]) == ["starter"]
+    for name in ("carphone_pristine.mp4", "carphone_distorted.mp4"):
+        shutil.copy(SHARED / "video" / name, clips)
+    rows = score(offline, "video", [clips], model="clifvqa").set_index("rel_path")
+    assert list(rows.status) == ["ok", "ok"] and set(rows["head"]) == {"starter"}
+    assert rows.score["carphone_pristine.mp4"] > rows.score["carphone_distorted.mp4"]  # the same scene, degraded
+    assert rows.heatmap_path.isna().all()  # its windows are rated by a random CLIP: no map is drawn from them
 
 
 def test_the_forgery_starter_serves_both_modes(offline):
