@@ -14,7 +14,7 @@ from PIL import Image
 
 from qscore.models.rsfiqa import RSFIQA
 from qscore.models.sam_regions import RegionRules, slic_label_map
-from qscore.runner import RunConfig, build_model
+from qscore.config import RunConfig, build_model
 from qscore.types import Item, UsageError
 from qscore.weights import Registry, file_sha256, save_checkpoint
 

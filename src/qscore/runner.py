@@ -10,9 +10,7 @@ the forward is synchronous, so there is nothing to overlap: each batch is writte
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -23,13 +21,12 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qscore import __version__, registry
+from qscore import __version__
 from qscore.config import (  # noqa: F401 - callers take the run's vocabulary from here too
     EXIT_FAILED_FILES,
     EXIT_OK,
@@ -37,6 +34,8 @@ from qscore.config import (  # noqa: F401 - callers take the run's vocabulary fr
     RunConfig,
     check,
     parse_sets,
+    pick_device,
+    plan_run,
 )
 from qscore.cpus import usable_cpus
 from qscore.media.discover import DiscoveryError, discover
@@ -51,7 +50,7 @@ from qscore.sinks import (
     write_artefacts,
     write_summary,
 )
-from qscore.types import Item, MissingWeights, Output, Sample, UsageError, safe_text
+from qscore.types import Item, Output, Sample, UsageError, safe_text
 
 log = logging.getLogger("qscore")
 
@@ -135,114 +134,20 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0] if msg else 'no message'}"
 
 
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise UsageError(f"bad --device {spec!r}: use auto, cpu or cuda[:N]") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec} asked for, but CUDA is not available on this machine")
-    return device
-
-
-def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
-    """Model class + config + weights -> (model on device in eval mode, weights_id, head).
-
-    Weights: ``--weights FILE`` or ``random``; else a trained head in the ``<model>-head`` slot;
-    else the starter checkpoint shipped in the package (``<model>-starter``, head "starter"),
-    unless another ``--preset`` is asked for; else the model's official weights."""
-    from qscore.weights import Registry
-
-    try:
-        cls = registry.get(cfg.model)
-    except KeyError as e:
-        raise UsageError(str(e.args[0])) from e
-    except ImportError as e:
-        raise UsageError(f"model {cfg.model!r} cannot be loaded: {e}") from e
-    if cls.spec.task != cfg.task:
-        raise UsageError(f"model {cfg.model!r} is a {cls.spec.task} model; use `qscore {cls.spec.task}`")
-    try:
-        reg = Registry.load(cfg.registry)
-        starter = reg.starter(cfg.model) if cfg.weights is None else None
-    except MissingWeights as e:
-        raise UsageError(str(e)) from e
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read weights registry: {e}") from e
-    weights, card = cfg.weights, None
-    if weights not in (None, "random"):
-        if not Path(weights).is_file():
-            raise UsageError(f"--weights {weights}: no such file (or use 'random')")
-        card = _card(Path(weights), f"--weights {weights}")
-    elif starter is not None:
-        card = _card(starter[1], starter[0])
-        if cfg.preset not in (None, card.get("preset")):
-            starter, card = None, None  # another preset asked for: the starter does not fit it
-        else:
-            weights = str(starter[1])
-    elif weights is None:
-        card = _head_card(reg, f"{cfg.model}-head")
-    overrides = dict(cfg.overrides)
-    preset = cfg.preset
-    if card is not None:
-        preset = preset or card.get("preset")
-        overrides = {**card.get("config", {}), **overrides}
-    cfg.preset = preset or next(iter(cls.presets))  # a checkpoint's card names its preset
-    if "seed" in {f.name for f in dataclasses.fields(cls.Config)}:
-        overrides["seed"] = cfg.overrides.get("seed", cfg.seed)  # --seed drives per-file sampling
-    try:
-        config = cls.settle(cls.make_config(cfg.preset, **overrides), reg)
-        torch.manual_seed(cfg.seed)  # random weights are reproducible too
-        model = cls(config)
-        weights_id, head = model.load(weights, reg)
-    except MissingWeights as e:
-        raise UsageError(str(e)) from e
-    except OSError as e:
-        raise UsageError(f"cannot read {e.filename}: {e.strerror}") from e
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{cfg.model}: {e}") from e
-    if starter is not None:
-        weights_id, head = f"{starter[0]}@{weights_id}", "starter"
-    return model.to(device).eval(), weights_id, head
-
-
-def _head_card(reg: Any, key: str) -> dict | None:
-    """The card of the checkpoint in a model's head slot, if the slot holds one with a card (its
-    preset and config are the ones the head was trained with)."""
-    try:
-        path = reg.path(key) if key in reg.keys() and reg.entry(key).kind != "none" else None
-    except MissingWeights:
-        return None  # load_official reports it
-    from qscore.weights import card_path
-
-    return _card(path, key) if path is not None and card_path(path).is_file() else None
-
-
-def _card(path: Path, what: str) -> dict:
-    """The JSON card beside a checkpoint (its preset and config)."""
-    from qscore.weights import card_path
-
-    card = card_path(path)
-    try:
-        return json.loads(card.read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{what}: cannot read its card {card}: {e}") from e
-
-
 def run(cfg: RunConfig) -> int:
     """Score every input; returns the exit code (0 ok, 1 some files failed, 2 usage error)."""
     started = time.time()
     try:
         check(cfg)
         device = pick_device(cfg.device)
-        model, weights_id, head = build_model(cfg, device)
-        items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=_mode(model) == "ciml", pairs=cfg.pairs)
+        plan = plan_run(cfg)
+        items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=plan.needs_reference, pairs=cfg.pairs)
+        model, weights_id, head = plan.build(device, cfg.seed, maps=cfg.maps or cfg.save_npz)
     except (UsageError, DiscoveryError) as e:
         log.error("qscore: %s", e)
         return EXIT_USAGE
     spec = model.spec
-    stem = spec.name if spec.task != "forgery" else f"{spec.name}-{_mode(model)}"
+    stem = f"{spec.name}-{_mode(model)}" if _mode(model) else spec.name
     sink = TableSink(cfg.out, stem, schema_for(spec.columns))
     try:
         with OutputLock(cfg.out / f"{stem}.lock"):
@@ -304,7 +209,6 @@ def _score(
     }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model.maps = cfg.maps or cfg.save_npz
     if not cfg.quiet:
         log.info("model %s (preset %s), weights %s (head: %s), device %s", model.spec.name, cfg.preset, weights_id, head, device)
     engine = _Engine(cfg, model, device, sink, base, stats, totals)

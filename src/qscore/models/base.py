@@ -43,7 +43,12 @@ class ModelSpec:
     lower_better: bool = False
     score_range: str = "[0, 1]"  # documented direction and range (USERS.md #8)
     columns: dict[str, pa.DataType] = field(default_factory=dict)  # extra per-model columns
-    artefacts: tuple[str, ...] = ()  # subset of ("heatmap", "mask", "uncertainty")
+    artefacts: tuple[str, ...] = ()  # subset of ("heatmap", "mask", "uncertainty", "probability")
+    reference_modes: tuple[str, ...] = ()  # Config.mode values where each file has an authentic reference
+
+    def needs_reference(self, config: Any) -> bool:
+        """Whether discovery must pair each file with its reference (CIML) under ``config``."""
+        return getattr(config, "mode", None) in self.reference_modes
 
 
 class Model(nn.Module):
@@ -53,13 +58,18 @@ class Model(nn.Module):
     spec: ClassVar[ModelSpec]
     Config: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]]
-    # postprocess builds heatmaps and other maps only when set; the runner clears it for
-    # `--no-maps` without `--npz` (scores do not change, so it is not part of the config)
-    maps: bool = True
+    maps: bool = True  # see draw_maps
 
     def __init__(self, config: Any):
         super().__init__()
         self.config = config
+
+    def draw_maps(self, enabled: bool) -> Model:
+        """Whether ``postprocess`` builds heatmaps and other maps (and the preparer keeps what they
+        need): off for ``--no-maps`` without ``--npz``. Scores do not change, so it is no part
+        of the config (nor of its hash)."""
+        self.maps = enabled
+        return self
 
     # ---- construction -------------------------------------------------------------------
     @classmethod

@@ -131,8 +131,14 @@ class UGDIML(Model):
         licence="no official weights (train with `qscore train ugdiml`); UNet from diffusers, Apache-2.0",
         weights_keys=(),
         score_range="[0, 1] image forgery score (higher = more likely manipulated)",
-        columns={"threshold": pa.float32(), "mean_uncertainty": pa.float32()},
+        columns={
+            "forgery_score": pa.float64(),
+            "manipulated_fraction": pa.float64(),
+            "threshold": pa.float32(),
+            "mean_uncertainty": pa.float32(),
+        },
         artefacts=("mask", "probability", "uncertainty"),
+        reference_modes=("ciml",),
     )
     Config = UGDIMLConfig
     presets = {

@@ -181,15 +181,12 @@ def _evaluate(model, labels, weights, out, root, preset, overrides, device, batc
     import numpy as np
     import pandas as pd
 
-    from qscore import __version__, registry
-    from qscore.runner import RunConfig, build_model, pick_device
+    from qscore import __version__
+    from qscore.config import RunConfig, build_model, model_class, pick_device
     from qscore.train.labels import read_labels
     from qscore.train.loop import evaluate, scatter_png
 
-    try:
-        task = registry.get(model).spec.task
-    except KeyError as e:
-        raise UsageError(str(e.args[0])) from e
+    task = model_class(model).spec.task
     dev = pick_device(device)
     data = read_labels(labels, task, root)
     cfg = RunConfig(task=task, model=model, inputs=[], preset=preset, overrides=overrides, weights=weights,

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from qscore import __version__, registry
+from qscore import __version__
+from qscore.config import BACKBONE, load_registry, model_class, pick_device, plan_model
 from qscore.media.image import load_mask
 from qscore.models.base import Model
-from qscore.runner import Failure, Prepared, default_workers, pick_device
+from qscore.runner import Failure, Prepared, default_workers
 from qscore.train.labels import Labels, read_labels
 from qscore.train.metrics import ForgeryMeter, quality_metrics
-from qscore.types import MissingWeights, Sample, UsageError
+from qscore.types import Sample, UsageError
 
 log = logging.getLogger("qscore")
 
@@ -69,14 +70,14 @@ class TrainOptions:
 def train(opts: TrainOptions) -> dict:
     """Run (or resume) a training; returns a summary with the best checkpoint and its snippet."""
     from qscore.fsutil import atomic_file
-    from qscore.weights import Registry, load_checkpoint, snippet
+    from qscore.weights import load_checkpoint, snippet
 
     if opts.epochs < 1 or opts.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
     if opts.init not in ("official", "random"):
         raise UsageError(f"--init must be official or random, not {opts.init!r}")
     device = pick_device(opts.device)
-    cls = _model_class(opts.model)
+    cls = model_class(opts.model)
     train_set = read_labels(opts.labels, cls.spec.task, opts.root)
     val_set = read_labels(opts.val, cls.spec.task, opts.root) if opts.val else None
     out = Path(opts.out)
@@ -88,21 +89,10 @@ def train(opts: TrainOptions) -> dict:
     if opts.resume and not resume_file.exists():
         raise UsageError(f"--resume: no {resume_file} to continue from")
 
-    try:
-        reg = Registry.load(opts.registry)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read weights registry: {e}") from e
-    try:
-        config = cls.settle(cls.make_config(opts.preset, **opts.overrides), reg)
-        torch.manual_seed(opts.seed)
-        model = cls(config)
-        if opts.init == "official":
-            model.load_backbone(reg)
-    except MissingWeights as e:
-        raise UsageError(f"{e} (or train from scratch with --init random)") from e
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{opts.model}: {e}") from e
-    model.to(device)
+    reg = load_registry(opts.registry)
+    plan = plan_model(opts.model, opts.preset, opts.overrides, reg, BACKBONE if opts.init == "official" else "random")
+    model, _, _ = plan.build(device, opts.seed, hint=" (or train from scratch with --init random)")
+    config = model.config
 
     optimizer = torch.optim.AdamW(_param_groups(model, opts), lr=_hyper(model, "lr", opts.lr, DEFAULT_LR))
     loader = _loader(model, train_set, opts.batch_size, opts.workers, train=True)
@@ -341,13 +331,6 @@ def _row(labels: Labels, index: int) -> dict:
     item = labels.items[index]
     return {"index": index, "path": item.display, "rel_path": item.rel_path, "target": float(labels.targets[index]),
             "reference": item.reference, "mask": item.mask}
-
-
-def _model_class(name: str) -> type[Model]:
-    try:
-        return registry.get(name)
-    except KeyError as e:
-        raise UsageError(str(e.args[0])) from e
 
 
 def _hyper(model: Model, name: str, cli: float | None, default: float) -> float:
