@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from qscore import __version__, registry
-from qscore.config import EXIT_USAGE, RunConfig, check, parse_sets
+from qscore.config import EXIT_USAGE, RunConfig, check
+from qscore.console import overrides_from, setup_logging, usage
 from qscore.media.discover import DiscoveryError
 from qscore.types import UsageError
 
@@ -53,16 +53,16 @@ Maps = Annotated[bool, typer.Option("--maps/--no-maps", help="Write heatmap and 
 
 
 def _run(task: str, paths: list[str] | None, model: str, **opts) -> None:
-    _logging(opts["quiet"], opts["verbose"])
-    overrides = {**_sets(opts.pop("sets")), **opts.pop("extra", {})}
+    setup_logging(opts["quiet"], opts["verbose"])
+    overrides = {**overrides_from(opts.pop("sets")), **opts.pop("extra", {})}
     if not paths and not opts.get("pairs"):
-        _usage("give at least one PATH" + (" (or --pairs CSV)" if task == "forgery" else ""))
+        usage("give at least one PATH" + (" (or --pairs CSV)" if task == "forgery" else ""))
     exts = tuple(opts.pop("ext") or ()) or None
     cfg = RunConfig(task=task, model=model, inputs=list(paths or []), exts=exts, overrides=overrides, **opts)
     try:
         check(cfg)  # before torch is imported: a usage error comes at once
     except (UsageError, DiscoveryError) as e:
-        _usage(str(e))
+        usage(str(e))
     from qscore.runner import run
 
     raise typer.Exit(run(cfg))
@@ -139,9 +139,9 @@ def forgery(
       qscore forgery --mode ciml --pairs pairs.csv --npz
     """
     if mode not in ("iml", "ciml"):
-        _usage(f"--mode must be iml or ciml, not {mode!r}")
+        usage(f"--mode must be iml or ciml, not {mode!r}")
     if pairs and mode != "ciml":
-        _usage("--pairs is for --mode ciml")
+        usage("--pairs is for --mode ciml")
     _run("forgery", paths, "ugdiml", out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
          weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
          quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, maps=maps, pairs=pairs, extra={"mode": mode})
@@ -206,8 +206,8 @@ def bench(
 
     from qscore.bench import bench as measure, synthesize, task_of
 
-    _logging(True, False)
-    overrides = _sets(sets)
+    setup_logging(True, False)
+    overrides = overrides_from(sets)
     with tempfile.TemporaryDirectory() as tmp:
         if not paths:
             kind = synthetic or {"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")
@@ -289,7 +289,7 @@ def _registry(path: str | None):
     try:
         return Registry.load(path)
     except Exception as e:  # noqa: BLE001
-        _usage(f"cannot read weights registry: {e}")
+        usage(f"cannot read weights registry: {e}")
 
 
 @weights_app.command("list")
@@ -372,7 +372,7 @@ def weights_path(key: Annotated[str, typer.Argument(help="weights.toml key")], r
     try:
         typer.echo(str(reg.cache_path(key)))
     except KeyError as e:
-        _usage(str(e.args[0]))
+        usage(str(e.args[0]))
 
 
 def _register_training() -> None:
@@ -390,24 +390,6 @@ def main(ctx: typer.Context, version: Annotated[bool, typer.Option("--version", 
         typer.echo(f"qscore {__version__}")
         raise typer.Exit(0)
     _help_without_command(ctx)
-
-
-def _sets(sets: list[str] | None) -> dict[str, str]:
-    try:
-        return parse_sets(sets)
-    except UsageError as e:
-        _usage(str(e))
-
-
-def _usage(message: str) -> None:
-    typer.echo(f"qscore: {message}", err=True)
-    raise typer.Exit(EXIT_USAGE)
-
-
-def _logging(quiet: bool, verbose: bool) -> None:
-    """Timestamped lines on stderr (readable in cron logs); only qscore's own logger is verbose."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("qscore").setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 _register_training()

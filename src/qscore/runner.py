@@ -37,6 +37,7 @@ from qscore.config import (  # noqa: F401 - callers take the run's vocabulary fr
     pick_device,
     plan_run,
 )
+from qscore.console import Progress
 from qscore.cpus import usable_cpus
 from qscore.media.discover import DiscoveryError, discover
 from qscore.models.base import Model
@@ -213,8 +214,8 @@ def _score(
         log.info("model %s (preset %s), weights %s (head: %s), device %s", model.spec.name, cfg.preset, weights_id, head, device)
     engine = _Engine(cfg, model, device, sink, base, stats, totals)
     t0 = time.perf_counter()
-    with Progress(len(todo), enabled=cfg.progress, quiet=cfg.quiet) as progress:
-        engine.progress = progress
+    with Progress(enabled=False if cfg.quiet else cfg.progress, log_lines=not cfg.quiet) as progress:
+        engine.progress = progress.start("scoring", len(todo))
         if todo:
             engine.drive(todo)
     end = time.perf_counter()
@@ -434,75 +435,6 @@ class _Timer:
             self.end.synchronize()
             return self.start.elapsed_time(self.end)
         return (self.t1 - self.t0) * 1e3
-
-
-class Progress:
-    """A rich bar on a terminal; otherwise (cron, log files) a plain log line every ``EVERY``
-    seconds, also while a long batch is still in flight, and one when the last file is done."""
-
-    EVERY = 10.0
-
-    def __init__(self, total: int, enabled: bool | None, quiet: bool):
-        self.total, self.quiet = total, quiet
-        self.bar = (sys.stderr.isatty() if enabled is None else enabled) and not quiet
-        self.done = self.errors = 0
-        self.t0 = time.perf_counter()
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "Progress":
-        if self.bar:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-            from rich.progress import Progress as Bar
-
-            self._bar = Bar(
-                TextColumn("scoring"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} files/s  errors {task.fields[errors]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("scoring", total=self.total, rate="-", errors=0)
-        elif not self.quiet:
-            log.info("scoring %d file(s)", self.total)
-            threading.Thread(target=self._beat, name="qscore-progress", daemon=True).start()
-        return self
-
-    def advance(self, n: int, errors: int) -> None:
-        self.done += n
-        self.errors += errors
-        if self.bar:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            self._bar.update(self._task, advance=n, rate=f"{rate:.1f}", errors=self.errors)
-        elif not self.quiet and self.done == self.total:
-            self._line()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.EVERY):
-            self._line()
-
-    def _line(self) -> None:
-        elapsed = time.perf_counter() - self.t0
-        rate = self.done / max(elapsed, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        log.info(
-            "%d/%d files, %d error(s), %.2f files/s, elapsed %s, ETA %s",
-            self.done, self.total, self.errors, rate, _hms(elapsed), _hms(eta),
-        )
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self.bar:
-            self._bar.stop()
-
-
-def _hms(seconds: float) -> str:
-    if seconds != seconds:  # NaN
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def report(summary: dict[str, Any], quiet: bool) -> None:

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from qscore import __version__
+from qscore.console import Progress
 from qscore.config import BACKBONE, load_registry, model_class, pick_device, plan_model
 from qscore.media.image import load_mask
 from qscore.models.base import Model
@@ -130,7 +130,7 @@ def train(opts: TrainOptions) -> dict:
         | {"labels": str(opts.labels), "val": opts.val, "n_train": len(train_set), "n_val": len(val_set or ())},
     }
     stop = min(opts.epochs, opts.stop_after or opts.epochs)
-    with _Bar(opts.progress) as bar:
+    with Progress(opts.progress) as bar:
         for epoch in range(start, stop):
             t0 = time.perf_counter()
             loss = _train_epoch(model, loader, optimizer, scheduler, device, opts.seed, epoch, bar)
@@ -201,7 +201,7 @@ def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) 
             optimizer.step()
             losses.append(float(loss.detach()))
         scheduler.step()
-        bar.advance(losses[-1] if losses else math.nan)
+        bar.advance(note=f"loss {losses[-1] if losses else math.nan:.4f}")
     if not losses:
         raise RuntimeError("no training batch had two decodable files: see the warnings above")
     return float(np.mean(losses))
@@ -410,34 +410,3 @@ def _jsonable(metrics: dict) -> dict:
 def _brief(metrics: dict) -> str:
     keys = ("train_loss", "srcc", "plcc", "krcc", "rmse", "f1", "iou", "pixel_auc", "image_auc")
     return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), float))
-
-
-class _Bar:
-    """A rich progress bar per epoch on a terminal; nothing otherwise (epoch lines are logged)."""
-
-    def __init__(self, enabled: bool | None):
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.progress, self.task = None, None
-
-    def __enter__(self) -> _Bar:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
-                                     console=Console(stderr=True), transient=False)
-            self.progress.start()
-        return self
-
-    def start(self, description: str, total: int) -> None:
-        if self.progress is not None:
-            self.task = self.progress.add_task(description, total=total, loss="-")
-
-    def advance(self, loss: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
