@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 IMAGES = [DATA / "biq2021" / "images" / n for n in ("ss01_1006.jpg", "ss01_1007.jpg", "ss01_1015.jpg")]
 KODAK = [DATA / "pristine" / "kodak" / n for n in ("kodim01.png", "kodim02.png", "kodim03.png")]
@@ -59,9 +61,10 @@ def digest(path: str) -> None:
         files = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
                  for p in sorted(out.rglob("*")) if p.suffix in (".png", ".npz")}
         result[name] = {"exit": code, "columns": sorted(table.column_names), "rows": rows, "files": files}
+    result["train-rsfiqa"] = _train(tmp, "rsfiqa", "tiny", IMAGES, {"cache_dir": str(tmp / "train-regions")})
     result["eval-rsfiqa"] = _eval(tmp, "rsfiqa", "tiny", IMAGES, {"cache_dir": str(tmp / "eval-regions")})
     result["eval-mvqa"] = _eval(tmp, "mvqa", "test", VIDEOS, {})
-    result["train-rsfiqa"] = _train(tmp, "rsfiqa", "tiny", IMAGES, {"cache_dir": str(tmp / "train-regions")})
+    result["eval-ugdiml"] = _eval(tmp, "ugdiml", "tiny", KODAK, {"mode": "ciml"})
     Path(path).write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
 
 
@@ -74,7 +77,16 @@ def _eval(tmp: Path, model: str, preset: str, inputs: list[Path], overrides: dic
     from qscore.cli import app
 
     labels = tmp / f"{model}-labels.csv"
-    labels.write_text("path,mos\n" + "".join(f"{p},{0.1 * (i + 1):.1f}\n" for i, p in enumerate(inputs)))
+    if model == "ugdiml":  # forged,reference,mask: a square mask, an authentic image (no mask)
+        from PIL import Image
+
+        mask = np.zeros((512, 768), np.uint8)
+        mask[100:300, 200:500] = 255
+        Image.fromarray(mask).save(tmp / "mask.png")
+        labels.write_text(f"forged,reference,mask\n{inputs[0]},{inputs[1]},{tmp / 'mask.png'}\n"
+                          f"{inputs[2]},{inputs[0]},{tmp / 'mask.png'}\n{inputs[1]},{inputs[2]},\n")
+    else:
+        labels.write_text("path,mos\n" + "".join(f"{p},{0.1 * (i + 1):.1f}\n" for i, p in enumerate(inputs)))
     out = tmp / f"eval-{model}"
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     res = CliRunner().invoke(app, ["eval", model, "--labels", str(labels), "--weights", "random", "--preset", preset,

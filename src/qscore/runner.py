@@ -196,7 +196,6 @@ def _score(
     if cfg.max_files is not None:
         todo = todo[: cfg.max_files]
     stats = {"discovered": len(items), "skipped": len(items) - len(todo), "ok": 0, "error": 0}
-    totals = {"model_ms": 0.0, "decode_ms": 0.0, "stage_ms": 0.0}
     base = {
         "task": model.spec.task,
         "model": model.spec.name,
@@ -212,13 +211,14 @@ def _score(
         torch.cuda.reset_peak_memory_stats(device)
     if not cfg.quiet:
         log.info("model %s (preset %s), weights %s (head: %s), device %s", model.spec.name, cfg.preset, weights_id, head, device)
-    engine = _Engine(cfg, model, device, sink, base, stats, totals)
     t0 = time.perf_counter()
     with Progress(enabled=False if cfg.quiet else cfg.progress, log_lines=not cfg.quiet) as progress:
-        engine.progress = progress.start("scoring", len(todo))
+        rows = _Rows(cfg, sink, base, stats, progress.start("scoring", len(todo)))
+        engine = Engine(model, device, cfg.batch_size, cfg.workers, rows)
         if todo:
             engine.drive(todo)
     end = time.perf_counter()
+    totals = engine.totals
     elapsed = end - t0
     scored = stats["ok"] + stats["error"]
     stats.update(
@@ -243,35 +243,50 @@ def chunk_size(n_files: int, batch_size: int, workers: int) -> int:
     return max(1, min(batch_size, math.ceil(n_files / max(workers, 1))))
 
 
-class _Engine:
-    """The loop over batches: lookahead, OOM back-off, per-file isolation of model errors."""
+@dataclass
+class Result:
+    """One file's outcome, as the engine hands it over: its ``output`` (None for an error),
+    ``raw`` (its slice of the forward's outputs, on the CPU, for callers that need more than the
+    row: evaluation's probability maps) and this file's share of its batch's forward time."""
 
-    def __init__(self, cfg, model, device, sink, base, stats, totals):
-        self.cfg, self.model, self.device, self.sink, self.base = cfg, model, device, sink, base
-        self.stats, self.totals = stats, totals  # counts by status; summed decode/stage/model ms
-        self.batch_size = max(1, cfg.batch_size)
+    item: Item
+    facts: dict[str, Any]
+    output: Output | None = None
+    error: str | None = None
+    raw: dict[str, Any] | None = None
+    model_ms: float | None = None
+
+
+class Engine:
+    """The loop over batches: lookahead, OOM back-off, per-file isolation of model errors,
+    ``postprocess`` on writer threads. Every file's ``Result`` goes to ``emit`` (called on a
+    writer thread with one batch's results, several batches side by side), so scoring (rows,
+    artefacts, Parquet parts) and evaluation (metrics against labels) share this one loop."""
+
+    def __init__(self, model: Model, device: torch.device, batch_size: int, workers: int, emit: Callable[[list[Result]], None]):
+        self.model, self.device, self.emit = model, device, emit
+        self.batch_size = max(1, batch_size)
+        self.workers = workers if workers >= 0 else default_workers()
         self.autocast = device.type == "cuda"
-        self.progress: Progress | None = None
+        self.totals = {"model_ms": 0.0, "decode_ms": 0.0, "stage_ms": 0.0}  # summed over files
         self._writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="qscore-writer")
-        self._counting = threading.Lock()  # stats and progress, updated by the writer threads
         self.first_launch: float | None = None  # perf_counter at the first forward's launch
         self.last_done: float | None = None  # perf_counter when the latest forward was back
         self._queued: deque[Future] = deque()
 
-    def drive(self, todo: list[Item]) -> None:
-        workers = self.cfg.workers if self.cfg.workers >= 0 else default_workers()
+    def drive(self, todo: Sequence[Item]) -> None:
         loader = DataLoader(
             Prepared(todo, self.model.preparer()),
-            batch_size=chunk_size(len(todo), self.batch_size, workers),
-            num_workers=workers,
+            batch_size=chunk_size(len(todo), self.batch_size, self.workers),
+            num_workers=self.workers,
             collate_fn=functools.partial(Chunk.make, self.model.collate),
             pin_memory=self.device.type == "cuda",
-            prefetch_factor=2 if workers else None,  # 2 batches per worker: bounded host memory
+            prefetch_factor=2 if self.workers else None,  # 2 batches per worker: bounded host memory
             persistent_workers=False,
         )
         pending = None
         for chunk in loader:
-            self._write([self._error_row(f.item, f.error, {"decode_ms": f.decode_ms}) for f in chunk.failures], [])
+            self._emit([Result(f.item, {"decode_ms": f.decode_ms}, error=f.error) for f in chunk.failures])
             whole = chunk.batch is not None and len(chunk.samples) <= self.batch_size
             for group in [chunk.samples] if whole else self._groups(chunk.samples):
                 launched = self._launch(group, chunk.batch if whole else None)
@@ -279,7 +294,7 @@ class _Engine:
                     self._finish(*pending)
                 if self.device.type != "cpu":
                     pending = launched
-                else:  # the forward has run already: write the batch now (progress, less lost to a kill)
+                else:  # the forward has run already: hand the batch over now (progress, less lost to a kill)
                     self._finish(*launched)
         if pending is not None:
             self._finish(*pending)
@@ -334,7 +349,7 @@ class _Engine:
         if not samples:
             return
         if error is not None:
-            self._write([self._error_row(s.item, error, s.facts) for s in samples], [])
+            self._emit([Result(s.item, s.facts, error=error) for s in samples])
             return
         batch_ms = timer.elapsed_ms()  # waits for the forward and its copy to the host
         self.last_done = time.perf_counter()
@@ -343,18 +358,19 @@ class _Engine:
         self._submit(self._post, samples, outputs, batch_ms / len(samples))
 
     def _post(self, samples: list[Sample], outputs: dict, per_file_ms: float) -> None:
-        """Writer thread: postprocess (maps to images), rows, artefacts, Parquet part. Threads
-        run side by side: ``postprocess`` must not keep state between batches."""
+        """Writer thread: postprocess (maps to images), then hand the results over. Threads run
+        side by side: ``postprocess`` must not keep state between batches."""
         try:
-            results = self.model.postprocess(outputs, samples)
+            outputs_of = self.model.postprocess(outputs, samples)
         except Exception as e:  # noqa: BLE001
-            self._write_now([self._error_row(s.item, f"postprocess: {describe(e)}", s.facts) for s in samples], [])
+            self.emit([Result(s.item, s.facts, error=f"postprocess: {describe(e)}") for s in samples])
             return
-        self._write_now([self._ok_row(s, r, per_file_ms) for s, r in zip(samples, results)], results)
+        raw = lambda i: {k: v[i] if torch.is_tensor(v) else v for k, v in outputs.items()}  # noqa: E731
+        self.emit([Result(s.item, s.facts, r, raw=raw(i), model_ms=per_file_ms) for i, (s, r) in enumerate(zip(samples, outputs_of))])
 
-    def _write(self, rows: list[dict], results: list[Output]) -> None:
-        if rows:
-            self._submit(self._write_now, rows, results)
+    def _emit(self, results: list[Result]) -> None:
+        if results:
+            self._submit(self.emit, results)
 
     def _submit(self, fn: Callable, *args: Any) -> None:
         """Run ``fn`` on a writer thread, so postprocessing, PNG encoding and Parquet parts
@@ -368,14 +384,26 @@ class _Engine:
             self._queued.popleft().result()
         self._writer.shutdown()
 
-    def _write_now(self, rows: list[dict], results: list[Output]) -> None:
+
+class _Rows:
+    """Scoring's side of the engine: results -> rows (core columns, the model's, media facts),
+    artefact PNGs / NPZ, a Parquet part per batch, counts and progress."""
+
+    def __init__(self, cfg: RunConfig, sink: TableSink, base: dict[str, Any], stats: dict[str, int], progress: Progress):
+        self.cfg, self.sink, self.base, self.stats, self.progress = cfg, sink, base, stats, progress
+        self._counting = threading.Lock()  # stats and progress, updated by the writer threads
+
+    def __call__(self, results: list[Result]) -> None:
+        rows = [self._row(r) for r in results]
         for row, result in zip(rows, results):
+            if result.output is None:
+                continue
             try:
                 if self.cfg.maps:
-                    for kind, rel in write_artefacts(self.cfg.out, row["rel_path"], result.artefacts).items():
+                    for kind, rel in write_artefacts(self.cfg.out, row["rel_path"], result.output.artefacts).items():
                         row[f"{kind}_path"] = rel
                 if self.cfg.save_npz:
-                    write_arrays(self.cfg.out, row["rel_path"], result.arrays)
+                    write_arrays(self.cfg.out, row["rel_path"], result.output.arrays)
             except OSError as e:
                 row.update(status="error", error=f"cannot write artefact: {e.strerror or e}")
         self.sink.append(rows)
@@ -384,10 +412,10 @@ class _Engine:
                 self.stats[row["status"]] += 1
                 if row["status"] == "error" and not self.cfg.quiet:
                     (log.warning if self.cfg.verbose else log.info)("error: %s: %s", row["path"], row["error"])
-            if self.progress is not None:
-                self.progress.advance(len(rows), sum(r["status"] == "error" for r in rows))
+            self.progress.advance(len(rows), sum(r["status"] == "error" for r in rows))
 
-    def _common(self, item: Item, facts: dict) -> dict:
+    def _row(self, result: Result) -> dict:
+        item, names = result.item, self.sink.schema.names
         row = dict(self.base)
         row.update(
             path=safe_text(os.path.abspath(item.path)),
@@ -398,18 +426,12 @@ class _Engine:
             reference_path=safe_text(os.path.abspath(item.reference)) if item.reference else None,
             scored_at=datetime.now(timezone.utc),
         )
-        row.update({k: v for k, v in facts.items() if k in self.sink.schema.names})
-        return row
-
-    def _error_row(self, item: Item, error: str, facts: dict) -> dict:
-        row = self._common(item, facts)
-        row.update(status="error", error=error, score=None)
-        return row
-
-    def _ok_row(self, sample: Sample, result: Output, model_ms: float) -> dict:
-        row = self._common(sample.item, sample.facts)
-        row.update({k: v for k, v in result.columns.items() if k in self.sink.schema.names})
-        row.update(status="ok", error=None, model_ms=model_ms)
+        row.update({k: v for k, v in result.facts.items() if k in names})
+        if result.output is None:
+            row.update(status="error", error=result.error, score=None)
+        else:
+            row.update({k: v for k, v in result.output.columns.items() if k in names})
+            row.update(status="ok", error=None, model_ms=result.model_ms)
         return row
 
 

@@ -17,13 +17,16 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from qscore import __version__
@@ -31,10 +34,10 @@ from qscore.console import Progress
 from qscore.config import BACKBONE, load_registry, model_class, pick_device, plan_model
 from qscore.media.image import load_mask
 from qscore.models.base import Model
-from qscore.runner import Failure, Prepared, default_workers
+from qscore.runner import Engine, Failure, Prepared, Result, default_workers
 from qscore.train.labels import Labels, read_labels
 from qscore.train.metrics import ForgeryMeter, quality_metrics
-from qscore.types import Sample, UsageError
+from qscore.types import Item, Sample, UsageError
 
 log = logging.getLogger("qscore")
 
@@ -95,7 +98,7 @@ def train(opts: TrainOptions) -> dict:
     config = model.config
 
     optimizer = torch.optim.AdamW(_param_groups(model, opts), lr=_hyper(model, "lr", opts.lr, DEFAULT_LR))
-    loader = _loader(model, train_set, opts.batch_size, opts.workers, train=True)
+    loader = _loader(model, train_set, opts.batch_size, opts.workers)
     steps = len(loader)
     total = opts.epochs * steps
     warmup = min(round(opts.warmup_epochs * steps), total // 2)
@@ -211,38 +214,55 @@ def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) 
 def evaluate(
     model: Model, labels: Labels, device: torch.device, batch_size: int = 8, workers: int = -1, task: str | None = None
 ) -> tuple[dict, list[dict]]:
-    """Score every labelled file; returns (metrics, one row per file).
+    """Score every labelled file through the runner's engine (its OOM back-off, per-file
+    isolation and ``postprocess``); returns (metrics, one row per file).
 
-    Quality: SRCC/PLCC/KRCC/RMSE of ``outputs["score"]`` vs the targets. Forgery: the model's
-    ``outputs["prob"]`` (B, H, W) resized to each GT mask, ``outputs["score"]`` for image AUC.
-    Files that fail to decode get a row with their error and are left out of the metrics.
+    Quality: SRCC/PLCC/KRCC/RMSE of the scores vs the targets. Forgery: the model's
+    ``outputs["prob"]`` (H, W) resized to each GT mask, the score for image AUC. Files that fail
+    get a row with their error and are left out of the metrics.
     """
     task = task or model.spec.task
     was_training = model.training
     model.eval()
-    rows: list[dict] = []
+    rows: dict[int, dict] = {}
     meter = ForgeryMeter() if task == "forgery" else None
-    loader = _loader(model, labels, batch_size, workers, train=False)
-    for chunk in loader:
-        for index, failure, _ in (c for c in chunk if isinstance(c[1], Failure)):
-            rows.append(_row(labels, index) | {"status": "error", "error": failure.error, "prediction": math.nan})
-        ok = [(i, s) for i, s, _ in chunk if isinstance(s, Sample)]
-        if not ok:
-            continue
-        batch = _to_device(model.collate([s for _, s in ok]), device)
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            outputs = model(batch)
-        scores = outputs["score"].float().cpu().numpy()
-        for j, (index, sample) in enumerate(ok):
-            row = _row(labels, index) | {"status": "ok", "error": None, "prediction": float(scores[j])}
-            if meter is not None:
-                gt = _gt_mask(sample.item.mask, outputs["prob"].shape[-2:])
-                prob = torch.nn.functional.interpolate(outputs["prob"][j : j + 1, None].float(), size=gt.shape,
-                                                       mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
-                row |= meter.add(prob, gt, float(scores[j]))
-            rows.append(row)
-    model.train(was_training)
-    rows.sort(key=lambda r: r["index"])
+    indices: dict[Item, deque[int]] = defaultdict(deque)  # a file listed twice scores the same twice
+    for index, item in enumerate(labels.items):
+        indices[item].append(index)
+    measured: dict[int, tuple | None] = {}  # index -> the meter's inputs, until every earlier file is in
+    fed = 0  # files the meter has taken: it takes them in label order, so its means are the same every run
+    lock = threading.Lock()  # results come from the engine's writer threads, in any order
+
+    def collect(results: list[Result]) -> None:
+        nonlocal fed
+        for result in results:
+            with lock:
+                index = indices[result.item].popleft()
+            row = _row(labels, index)
+            inputs = None
+            if result.output is None:
+                row |= {"status": "error", "error": result.error, "prediction": math.nan}
+            else:
+                row |= {"status": "ok", "error": None, "prediction": result.output.columns["score"]}
+                if meter is not None:
+                    gt = _gt_mask(result.item.mask, result.raw["prob"].shape[-2:])
+                    prob = F.interpolate(result.raw["prob"][None, None], size=gt.shape, mode="bilinear", align_corners=False)
+                    inputs = prob[0, 0].numpy(), gt, row["prediction"]
+            with lock:
+                rows[index] = row
+                if meter is None:
+                    continue
+                measured[index] = inputs
+                while fed in measured:
+                    inputs = measured.pop(fed)
+                    if inputs is not None:
+                        rows[fed] |= meter.add(*inputs)
+                    fed += 1
+
+    maps = model.maps
+    Engine(model.draw_maps(False), device, batch_size, workers, collect).drive(labels.items)  # no heatmaps: rows only
+    model.draw_maps(maps).train(was_training)
+    rows = [rows[i] for i in sorted(rows)]
     good = [r for r in rows if r["status"] == "ok"]
     if meter is not None:
         metrics = meter.result()
@@ -277,36 +297,35 @@ def scatter_png(pred: np.ndarray, mos: np.ndarray, path: str | os.PathLike, titl
 
 
 # ---- helpers -------------------------------------------------------------------------------
-class _Indexed(Prepared):
-    """Prepared + the row index and target, so a shuffled batch keeps its labels:
-    ``i -> (i, Sample | Failure, target)``."""
+class _Labelled(Prepared):
+    """Prepared + the target, so a shuffled batch keeps its labels: ``i -> (Sample | Failure, target)``."""
 
     def __init__(self, labels: Labels, prepare):
         super().__init__(labels.items, prepare)
         self.targets = labels.targets
 
     def __getitem__(self, i: int):
-        return i, super().__getitem__(i), float(self.targets[i])
+        return super().__getitem__(i), float(self.targets[i])
 
 
-def _loader(model: Model, labels: Labels, batch_size: int, workers: int, train: bool) -> DataLoader:
-    """Chunks of ``(index, Sample | Failure, target)``; shuffled by a generator the training
-    loop reseeds each epoch."""
+def _loader(model: Model, labels: Labels, batch_size: int, workers: int) -> DataLoader:
+    """Training chunks of ``(Sample | Failure, target)`` (augmenting preparer), shuffled by a
+    generator the training loop reseeds each epoch."""
     return DataLoader(
-        _Indexed(labels, model.preparer(train=train)),
+        _Labelled(labels, model.preparer(train=True)),
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(labels) >= batch_size,
+        shuffle=True,
+        drop_last=len(labels) >= batch_size,
         num_workers=workers if workers >= 0 else default_workers(),
         collate_fn=list,
-        generator=torch.Generator() if train else None,
+        generator=torch.Generator(),
     )
 
 
 def _split_chunk(chunk) -> tuple[list[Sample], np.ndarray]:
     """Training chunk -> (samples, targets (N,)); failed files are logged and dropped."""
     samples, targets = [], []
-    for _, sample, target in chunk:
+    for sample, target in chunk:
         if isinstance(sample, Failure):
             log.warning("training: skipping %s: %s", sample.item.display, sample.error)
             continue
