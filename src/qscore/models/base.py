@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import pyarrow as pa
@@ -39,7 +40,6 @@ class ModelSpec:
     summary: str  # one line for `qscore models`
     paper: str  # arXiv id or citation
     licence: str  # licence of the official weights / code it builds on
-    weights_keys: tuple[str, ...] = ()  # weights.toml keys it can load
     lower_better: bool = False
     score_range: str = "[0, 1]"  # documented direction and range (USERS.md #8)
     columns: dict[str, pa.DataType] = field(default_factory=dict)  # extra per-model columns
@@ -52,13 +52,19 @@ class ModelSpec:
 
 
 class Model(nn.Module):
-    """Base class of the five methods. Subclasses set ``spec`` and ``Config`` (a dataclass) and
-    ``presets`` (name -> Config kwargs); the first preset is the default."""
+    """Base class of the five methods. Subclasses set ``spec`` and ``Config`` (a dataclass);
+    their ``presets`` (name -> Config values; the first is the default) are data, read from
+    ``presets/<spec.name>.json`` beside the models unless the class sets them itself."""
 
     spec: ClassVar[ModelSpec]
     Config: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]]
     maps: bool = True  # see draw_maps
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__ and "presets" not in cls.__dict__:
+            cls.presets = read_presets(cls.spec.name)
 
     def __init__(self, config: Any):
         super().__init__()
@@ -128,22 +134,42 @@ class Model(nn.Module):
         return f"{self.spec.name}-head"
 
     def load_official(self, registry: Any) -> tuple[str, str]:
-        """The checkpoint registered under ``head_key`` (none of the papers released weights, so
-        it is one trained with ``qscore train``); MissingWeights when the slot is empty."""
+        """The checkpoint in the ``head_key`` slot (none of the papers released weights, so it is
+        one trained with ``qscore train``) when the slot holds a file, else ``load_headless``."""
+        path = self.head_file(registry)
+        return self.load_headless(registry) if path is None else self.load_head(path, registry)
+
+    def head_file(self, registry: Any) -> Path | None:
+        """The file in the ``head_key`` slot; None where weights.toml has no such slot or it holds
+        no file yet (kind "none"). A declared file that cannot be had raises MissingWeights: a
+        registered head never silently falls back."""
+        try:
+            return registry.path(self.head_key)
+        except (KeyError, MissingWeights):
+            if _holds_file(registry, self.head_key):
+                raise
+            return None
+
+    def load_head(self, path: Path, registry: Any) -> tuple[str, str]:
+        """A ``qscore train`` checkpoint (JSON card beside it) from the head slot."""
         from qscore.weights import load_checkpoint
 
-        try:
-            path = registry.path(self.head_key)
-        except (KeyError, MissingWeights) as e:
-            reason = " ".join(str(e.args[0] if e.args else e).split())  # one line: the registry's may wrap
-            raise MissingWeights(
-                f"{self.spec.name} has no trained weights registered as '{self.head_key}': train them with "
-                f"`qscore train {self.spec.name}`, then register the printed snippet or pass --weights FILE; "
-                f"--weights random only for smoke tests. {reason}"
-            ) from e
         state, card = load_checkpoint(path, expect_model=self.spec.name)
         self.load_trained(state, card, registry)
         return card["weights_id"], "trained"
+
+    def load_headless(self, registry: Any) -> tuple[str, str]:
+        """The official weights when no head is registered. Default: there are none (Q-CLIP and
+        CLiF-VQA run zero-shot instead, RSFIQA with a random head)."""
+        try:
+            slot = registry.entry(self.head_key).note
+        except KeyError:
+            slot = "weights.toml has no such slot"
+        raise MissingWeights(
+            f"{self.spec.name} has no trained weights registered as '{self.head_key}': train them with "
+            f"`qscore train {self.spec.name}`, then register the printed snippet or pass --weights FILE; "
+            f"--weights random only for smoke tests. {' '.join(slot.split())}"
+        )
 
     def load_backbone(self, registry: Any) -> None:
         """The pretrained parts (backbones) from weights.toml and no trained head: where
@@ -185,8 +211,27 @@ class Model(nn.Module):
         return plcc_rank_loss(self(batch)["score"].float(), targets.float())
 
 
+def _holds_file(registry: Any, key: str) -> bool:
+    """Whether weights.toml declares ``key`` with a file (not kind "none")."""
+    try:
+        return registry.entry(key).kind != "none"
+    except KeyError:
+        return False
+
+
+def read_presets(name: str) -> dict[str, dict[str, Any]]:
+    """``presets/<name>.json``: preset name -> Config values, in order (the first is the default).
+    A preset's ``about`` says what it is for and is no Config value."""
+    path = Path(__file__).with_name("presets") / f"{name}.json"
+    presets = json.loads(path.read_text())
+    return {preset: {k: v for k, v in values.items() if k != "about"} for preset, values in presets.items()}
+
+
 def coerce(value: Any, annotation: Any, default: Any) -> Any:
-    """Turn a CLI string (``--set key=value``) into the field's type, judged by its default."""
+    """Turn a CLI string (``--set key=value``) into the field's type, judged by its default; a
+    JSON list (presets, checkpoint cards) becomes the tuple a tuple field holds."""
+    if isinstance(value, list) and isinstance(default, tuple):
+        return tuple(value)
     if not isinstance(value, str) or isinstance(default, str) or default is None and "str" in str(annotation):
         return value
     if isinstance(default, bool):

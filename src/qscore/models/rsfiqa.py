@@ -455,7 +455,6 @@ class RSFIQA(Model):
         summary="Region-aware semantic attention IQA: SAM (or SLIC) regions, CLIP or measured region ratings, any backbone",
         paper="arXiv:2508.07818",
         licence="Apache-2.0 (SAM weights); MIT (CLIP ViT-B/16 openai); heads: trained by qscore",
-        weights_keys=("sam-vit-b", "sam-vit-l", "sam-vit-h", "clip-vit-b16-openai", "rsfiqa-head"),
         score_range="[0, 1], higher is better (normalised MOS of the training data)",
         columns={
             "regions": pa.string(),  # the partition: sam-vit-b | sam-tiny | ... | slic
@@ -467,21 +466,6 @@ class RSFIQA(Model):
         artefacts=("heatmap",),
     )
     Config = Config
-    presets = {
-        "default": {},
-        "tiny": {
-            "backbone": "resnet18", "crop_size": 224, "test_grid": 3, "max_side": 512, "sam": "tiny",
-            "points_per_side": 8, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.6, "box_nms_thresh": 0.9,
-            "min_region_frac": 0.01, "r_max": 8, "sam_points_per_batch": 64, "clip_arch": "tiny",
-            "dim": 64, "region_layers": 1, "heads": 4, "lr": 5e-4, "backbone_lr_scale": 1.0,
-        },
-        # the shipped starter: SAM's published rules (used where sam-vit-b is installed, else
-        # SLIC), measured region ratings, a small RSA and a ResNet-10 learned from scratch
-        "starter": {
-            "backbone": "resnet10t", "crop_size": 384, "test_grid": 3, "max_side": 512, "describer": "measured",
-            "dim": 64, "region_layers": 1, "heads": 4, "lr": 3e-4, "backbone_lr_scale": 1.0,
-        },
-    }
 
     def __init__(self, config: Config):
         config = self.settle(config, None)  # built without a registry: auto is SAM only for the tiny test SAM
@@ -710,21 +694,13 @@ class RSFIQA(Model):
             open_clip.load_checkpoint(self.describer.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
             self.describer.reset()
 
-    def load_official(self, registry: Any) -> tuple[str, str]:
-        """SAM + CLIP, and the score head registered as ``rsfiqa-head`` (a ``qscore train rsfiqa``
-        checkpoint; the paper released none). Without one the head stays random (rows say
-        ``head = random``; ``qscore train --init official`` starts here, with the backbone's
-        pretrained weights from ``backbone_weights`` when set)."""
-        from qscore.weights import load_checkpoint, load_state
+    def load_headless(self, registry: Any) -> tuple[str, str]:
+        """SAM + CLIP and no ``rsfiqa-head`` (a ``qscore train rsfiqa`` checkpoint; the paper
+        released none): the head stays random (rows say ``head = random``; ``qscore train
+        --init official`` starts here, with the backbone's pretrained weights from
+        ``backbone_weights`` when set)."""
+        from qscore.weights import load_state
 
-        try:
-            has_head = registry.entry("rsfiqa-head").kind != "none"
-        except KeyError:
-            has_head = False
-        if has_head:
-            state, card = load_checkpoint(registry.path("rsfiqa-head"), expect_model=self.spec.name)
-            self.load_trained(state, card, registry)
-            return card["weights_id"], "trained"
         self.load_backbone(registry)
         if self.config.backbone_weights:
             missing = self.backbone.body.load_state_dict(load_state(registry.path(self.config.backbone_weights)), strict=False)
