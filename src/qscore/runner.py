@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qscore import __version__
+from qscore.cache import ArrayCache
 from qscore.config import (  # noqa: F401 - callers take the run's vocabulary from here too
     EXIT_FAILED_FILES,
     EXIT_OK,
@@ -236,6 +237,15 @@ def _score(
     return stats
 
 
+def precompute(model: Model, batch: dict[str, torch.Tensor], cache: ArrayCache | None) -> None:
+    """The model's cacheable device-side step on ``batch``, its results kept in ``cache`` (the
+    model's own, ``model.cache()``) for the next run's preparer: the runner's stage before each
+    forward, in scoring, evaluation and training alike."""
+    fresh = model.precompute(batch)
+    if cache is not None:
+        cache.keep(fresh)
+
+
 def chunk_size(n_files: int, batch_size: int, workers: int) -> int:
     """Files per DataLoader task. A worker prepares its whole chunk before handing it over, so a
     run with fewer files than workers x batch gets smaller chunks (and GPU batches) to keep every
@@ -268,6 +278,7 @@ class Engine:
         self.batch_size = max(1, batch_size)
         self.workers = workers if workers >= 0 else default_workers()
         self.autocast = device.type == "cuda"
+        self.cache = model.cache()
         self.totals = {"model_ms": 0.0, "decode_ms": 0.0, "stage_ms": 0.0}  # summed over files
         self._writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="qscore-writer")
         self.first_launch: float | None = None  # perf_counter at the first forward's launch
@@ -319,6 +330,7 @@ class Engine:
             timer = _Timer(self.device)
             self.first_launch = self.first_launch or time.perf_counter()
             with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                precompute(self.model, batch, self.cache)
                 outputs = self.model(batch)
                 # Queued right behind this batch (into pinned memory), so `_finish` waits for this
                 # batch only, not for the next one launched after it: the GPU never idles there.

@@ -1,6 +1,7 @@
 """The one interface every method implements; the runner drives it.
 
-A model never walks folders, writes files or shows progress. It does four things:
+A model never walks folders, writes files or shows progress. It does four things (and, where
+it has device-side work worth keeping between runs, ``precompute`` and ``cache``):
 
 - ``preparer()``: a picklable callable ``Item -> Sample`` that runs in DataLoader workers on the
   CPU (decode, sample frames, crops). Any randomness is seeded from ``item.seed(run_seed)`` so
@@ -22,13 +23,18 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import pyarrow as pa
 import torch
 from torch import nn
 
 from qscore.types import Item, MissingWeights, Output, Sample
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from qscore.cache import ArrayCache
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,18 @@ class Model(nn.Module):
         """Picklable ``Item -> Sample`` for DataLoader workers; ``train=True`` may augment
         (random crops) and must then add what ``training_loss`` needs (e.g. the mask)."""
         raise NotImplementedError
+
+    def cache(self) -> ArrayCache | None:
+        """Where ``precompute``'s results are kept between runs (the preparer reads them back);
+        None: the model keeps nothing."""
+        return None
+
+    def precompute(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
+        """The device-side work worth keeping (RSFIQA: regions of the images its cache lacked),
+        before ``forward``: fills it into ``batch`` and returns it by cache key; the runner and
+        the training loop save it in ``cache()``. ``forward`` must call it too (a no-op once
+        done), so a bare forward works alike. Default: nothing."""
+        return {}
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         keys = samples[0].inputs.keys()

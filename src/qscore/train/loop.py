@@ -34,7 +34,7 @@ from qscore.console import Progress
 from qscore.config import BACKBONE, load_registry, model_class, pick_device, plan_model
 from qscore.media.image import load_mask
 from qscore.models.base import Model
-from qscore.runner import Engine, Failure, Prepared, Result, default_workers
+from qscore.runner import Engine, Failure, Prepared, Result, default_workers, precompute
 from qscore.train.labels import Labels, read_labels
 from qscore.train.metrics import ForgeryMeter, quality_metrics
 from qscore.types import Item, Sample, UsageError
@@ -191,6 +191,7 @@ def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) 
     _reseed(seed, epoch)
     loader.generator.manual_seed(_epoch_seed(seed, epoch))
     model.train()
+    cache = model.cache()
     losses = []
     bar.start(f"epoch {epoch + 1}", len(loader))
     for chunk in loader:
@@ -198,6 +199,7 @@ def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) 
         if len(samples) >= 2:  # correlation losses need two samples
             batch = _to_device(model.collate(samples), device)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                precompute(model, batch, cache)
                 loss = model.training_loss(batch, torch.as_tensor(targets, device=device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
