@@ -1,7 +1,9 @@
-"""The one batched inference engine: every model runs through ``run``.
+"""The one batched inference engine: every model scores through ``Engine``, in a scoring run
+(``run``: rows, artefacts, Parquet) and in evaluation alike (``train.loop.evaluate``: metrics).
 
-discover -> resume filter -> DataLoader workers (model.preparer: decode + sample on the CPU)
--> collate -> pinned, non-blocking copy -> forward under autocast -> postprocess -> sinks.
+plan -> discover -> build -> resume filter -> DataLoader workers (model.preparer: decode +
+sample on the CPU) -> collate -> pinned, non-blocking copy -> precompute (kept in the model's
+cache) + forward under autocast -> postprocess -> the consumer (scoring: sinks).
 
 The GPU is kept busy by a one-batch lookahead: batch n+1 is collated and copied while batch n's
 forward runs, and batch n's results are fetched and written after n+1 is launched. On the CPU

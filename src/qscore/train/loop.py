@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from qscore import __version__
-from qscore.console import Progress
 from qscore.config import BACKBONE, load_registry, model_class, pick_device, plan_model
+from qscore.console import Progress
 from qscore.media.image import load_mask
 from qscore.models.base import Model
 from qscore.runner import Engine, Failure, Prepared, Result, default_workers, precompute
@@ -124,7 +124,7 @@ def train(opts: TrainOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     card = {
         "model": cls.spec.name,
-        "preset": opts.preset or next(iter(cls.presets)),
+        "preset": plan.preset,
         "config": dataclasses.asdict(config),
         "backbone": opts.init,
         "data_hash": key["data_hash"],
