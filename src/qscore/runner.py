@@ -379,8 +379,8 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             self.emit([Result(s.item, s.facts, error=f"postprocess: {describe(e)}") for s in samples])
             return
-        raw = lambda i: {k: v[i] if torch.is_tensor(v) else v for k, v in outputs.items()}  # noqa: E731
-        self.emit([Result(s.item, s.facts, r, raw=raw(i), model_ms=per_file_ms) for i, (s, r) in enumerate(zip(samples, outputs_of))])
+        self.emit([Result(s.item, s.facts, r, raw=_file_slice(outputs, i), model_ms=per_file_ms)
+                   for i, (s, r) in enumerate(zip(samples, outputs_of))])
 
     def _emit(self, results: list[Result]) -> None:
         if results:
@@ -397,6 +397,11 @@ class Engine:
         while self._queued:
             self._queued.popleft().result()
         self._writer.shutdown()
+
+
+def _file_slice(outputs: dict[str, Any], i: int) -> dict[str, Any]:
+    """File ``i``'s part of a batch's outputs (views: dim 0 is the file)."""
+    return {k: v[i] if torch.is_tensor(v) else v for k, v in outputs.items()}
 
 
 class _Rows:
