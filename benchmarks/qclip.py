@@ -82,7 +82,7 @@ def main() -> None:
 
     from qscore.bench import bench, synthesize
     from qscore.media.discover import discover
-    from qscore.runner import RunConfig, build_model, pick_device
+    from qscore.config import RunConfig, build_model, pick_device
 
     device = pick_device(args.device)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -62,7 +62,7 @@ def test_tables_keep_keys_whole_at_80_columns():
     assert set(Registry.load().keys()) <= cells  # each key whole in its cell: `weights pull` takes it
     code, output = qscore("models")
     assert code == 0
-    keys = {k for name in registry.names() for k in registry.get(name).spec.weights_keys}
+    keys = {k for name in registry.names() for k in Registry.load().used_by(name)}
     cells = {cell.strip() for line in output.splitlines() for cell in line.split("│")}
     assert keys <= cells
 

@@ -17,6 +17,7 @@ FORBIDDEN = [
     ("qscore.models", "qscore.cli", "a model never drives a run"),
     ("qscore.models", "qscore.runner", "a model never drives a run"),
     ("qscore.models", "qscore.sinks", "a model never writes files"),
+    ("qscore.models", "qscore.fsutil", "a model never writes files (the runner keeps its cache entries)"),
 ]
 
 

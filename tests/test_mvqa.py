@@ -201,6 +201,9 @@ def test_videomamba_checkpoint_errors_and_resampling():
 
 # ---- weights ---------------------------------------------------------------------------------
 class NoWeights:
+    def entry(self, key):
+        raise KeyError(key)
+
     def path(self, key):
         raise MissingWeights(f"{key}: not in the cache; place it at /somewhere/{key}")
 

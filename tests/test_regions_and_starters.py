@@ -14,7 +14,8 @@ from PIL import Image
 
 from qscore.models.rsfiqa import RSFIQA
 from qscore.models.sam_regions import RegionRules, slic_label_map
-from qscore.runner import RunConfig, build_model
+from qscore.config import RunConfig, build_model
+from qscore.runner import precompute
 from qscore.types import Item, UsageError
 from qscore.weights import Registry, file_sha256, save_checkpoint
 
@@ -72,8 +73,10 @@ def test_rsfiqa_on_slic_regions_scores_and_caches(tmp_path):
     for _ in range(2):  # cold, then warm cache
         samples = [model.preparer()(item)]
         assert ("partition" in samples[0].inputs) == (not scores)
+        batch = model.collate(samples)
         with torch.no_grad():
-            outputs = model(model.collate(samples))
+            precompute(model, batch, model.cache())  # the runner's region stage keeps them
+            outputs = model(batch)
         columns = model.postprocess(outputs, samples)[0].columns
         assert columns["regions"] == "slic" and columns["n_regions"] > 1
         scores.append(columns["score"])

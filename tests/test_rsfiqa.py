@@ -40,10 +40,15 @@ def items(tmp_path_factory):
 
 
 def run(model, items, train=False):
+    """As the runner runs a batch: its region stage (kept in the cache), then the forward."""
+    from qscore.runner import precompute
+
     prepare = model.preparer(train=train)
     samples = [prepare(item) for item in items]
+    batch = model.collate(samples)
     with torch.no_grad():
-        outputs = model(model.collate(samples))
+        precompute(model, batch, model.cache())
+        outputs = model(batch)
     return samples, outputs
 
 
@@ -159,6 +164,8 @@ def test_training_step_updates_backbone_and_rsa_only(model, items):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_run_then_cache_hit(tmp_path, items):
     """As the runner runs it: CUDA, bf16 autocast, inference mode; the second run reads the cache."""
+    from qscore.runner import precompute
+
     torch.manual_seed(0)
     model = RSFIQA(RSFIQA.make_config("tiny", cache_dir=str(tmp_path), **SMALL)).cuda().eval()
     scores = []
@@ -166,6 +173,7 @@ def test_cuda_bf16_run_then_cache_hit(tmp_path, items):
         prepare = model.preparer()
         batch = {k: v.cuda() for k, v in model.collate([prepare(item) for item in items]).items()}
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            precompute(model, batch, model.cache())
             scores.append(model(batch)["score"].float().cpu())
     assert bool(batch["cached"].all()) and torch.isfinite(scores[0]).all()
     torch.testing.assert_close(scores[0], scores[1])

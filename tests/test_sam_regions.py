@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from qscore.models.sam_regions import (
-    RegionCache,
     RegionRules,
     SamRegions,
     build_sam,
@@ -122,11 +121,13 @@ def test_device_path_matches_stock_generator_on_cuda(rules, most_regions):
 
 
 def test_cache_roundtrip_and_salt(tmp_path):
+    from qscore.cache import ArrayCache
+
     img = synthetic_image(8, 8, 0)
-    cache = RegionCache(tmp_path, salt="a")
+    cache = ArrayCache(tmp_path, salt="a")
     key = cache.key(img)
     assert cache.load(key) is None
     cache.save(key, {"labels": np.arange(64, dtype=np.uint8).reshape(8, 8)})
     np.testing.assert_array_equal(cache.load(key)["labels"], np.arange(64).reshape(8, 8))
-    assert RegionCache(tmp_path, salt="b").key(img) != key
+    assert ArrayCache(tmp_path, salt="b").key(img) != key
     assert not list(tmp_path.rglob("*.tmp"))

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from qscore.runner import RunConfig, build_model, run
+from qscore.config import RunConfig, build_model
+from qscore.runner import run
 from qscore.weights import PACKAGED, Registry, file_sha256, load_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -21,7 +21,8 @@ import torch
 
 from qscore import registry
 from qscore.media.discover import discover
-from qscore.runner import RunConfig, build_model, pick_device, run
+from qscore.config import RunConfig, build_model, pick_device
+from qscore.runner import run
 from qscore.types import Item
 
 

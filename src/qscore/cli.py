@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
 from qscore import __version__, registry
-from qscore.config import EXIT_USAGE, RunConfig, check, parse_sets
+from qscore.config import EXIT_USAGE, RunConfig, check
+from qscore.console import overrides_from, setup_logging, usage
 from qscore.media.discover import DiscoveryError
 from qscore.types import UsageError
+
+if TYPE_CHECKING:
+    from qscore.weights import Registry
 
 app = typer.Typer(
     help=(
@@ -52,30 +57,72 @@ Npz = Annotated[bool, typer.Option("--npz", help="Also save float maps (probabil
 Maps = Annotated[bool, typer.Option("--maps/--no-maps", help="Write heatmap and mask PNGs; --no-maps writes the rows only (their *_path columns stay empty).")]
 
 
-def _run(task: str, paths: list[str] | None, model: str, **opts) -> None:
-    _logging(opts["quiet"], opts["verbose"])
-    overrides = {**_sets(opts.pop("sets")), **opts.pop("extra", {})}
-    if not paths and not opts.get("pairs"):
-        _usage("give at least one PATH" + (" (or --pairs CSV)" if task == "forgery" else ""))
-    exts = tuple(opts.pop("ext") or ()) or None
-    cfg = RunConfig(task=task, model=model, inputs=list(paths or []), exts=exts, overrides=overrides, **opts)
+# The options every scoring command (image, video, forgery) takes, declared once: name, type, default.
+SCORING_OPTIONS = [
+    ("out", Out, Path("qscore-out")),
+    ("csv", Csv, False),
+    ("device", Device, "auto"),
+    ("workers", Workers, -1),
+    ("weights", Weights, None),
+    ("registry_file", Registry_, None),
+    ("preset", Preset, None),
+    ("sets", Set, None),
+    ("force", Force, False),
+    ("ext", Ext, None),
+    ("seed", Seed, 0),
+    ("quiet", Quiet, False),
+    ("verbose", Verbose, False),
+    ("max_files", MaxFiles, None),
+    ("npz", Npz, False),
+    ("maps", Maps, True),
+]
+
+
+def scoring_command(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn``'s own parameters followed by ``SCORING_OPTIONS``, as the one signature Typer reads;
+    ``fn`` is called with its own and the shared ones gathered in ``options`` (a dict)."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "options"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+              for name, kind, default in SCORING_OPTIONS]
+
+    @functools.wraps(fn)
+    def command(**values: Any) -> None:
+        fn(**{p.name: values[p.name] for p in own}, options={name: values[name] for name, _, _ in SCORING_OPTIONS})
+
+    command.__signature__ = inspect.Signature(own + shared, return_annotation=None)
+    command.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return command
+
+
+def _run(task: str, paths: list[str] | None, model: str, batch_size: int, options: dict[str, Any],
+         pairs: str | None = None, **extra: Any) -> None:
+    """Scoring: the options as a RunConfig, checked before torch is imported, then the runner."""
+    o = options
+    setup_logging(o["quiet"], o["verbose"])
+    overrides = {**overrides_from(o["sets"]), **{k: v for k, v in extra.items() if v}}
+    if not paths and not pairs:
+        usage("give at least one PATH" + (" (or --pairs CSV)" if task == "forgery" else ""))
+    cfg = RunConfig(
+        task=task, model=model, inputs=list(paths or []), out=o["out"], preset=o["preset"], overrides=overrides,
+        weights=o["weights"], registry=o["registry_file"], device=o["device"], batch_size=batch_size,
+        workers=o["workers"], exts=tuple(o["ext"] or ()) or None, pairs=pairs, force=o["force"], seed=o["seed"],
+        max_files=o["max_files"], csv=o["csv"], save_npz=o["npz"], maps=o["maps"], quiet=o["quiet"], verbose=o["verbose"],
+    )
     try:
         check(cfg)  # before torch is imported: a usage error comes at once
     except (UsageError, DiscoveryError) as e:
-        _usage(str(e))
+        usage(str(e))
     from qscore.runner import run
 
     raise typer.Exit(run(cfg))
 
 
 @app.command(no_args_is_help=True)
+@scoring_command
 def image(
-    paths: Paths = None, model: Model = "rsfiqa", out: Out = Path("qscore-out"), csv: Csv = False,
-    device: Device = "auto", batch_size: Batch = 16, workers: Workers = -1, weights: Weights = None,
-    registry_file: Registry_ = None, preset: Preset = None, sets: Set = None, force: Force = False,
-    ext: Ext = None, seed: Seed = 0, quiet: Quiet = False, verbose: Verbose = False,
-    max_files: MaxFiles = None, npz: Npz = False, maps: Maps = True,
+    paths: Paths = None, model: Model = "rsfiqa", batch_size: Batch = 16,
     backbone: Annotated[Optional[str], typer.Option("--backbone", help="RSFIQA feature backbone (any timm or torchvision name), e.g. resnet50.")] = None,
+    *, options: dict[str, Any],
 ) -> None:
     """Score image quality, one row per image.
 
@@ -85,20 +132,15 @@ def image(
 
       qscore image list.txt --model rsfiqa --backbone resnet50 --csv --out results/
     """
-    _run("image", paths, model, out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
-         weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
-         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, maps=maps,
-         extra={"backbone": backbone} if backbone else {})
+    _run("image", paths, model, batch_size, options, backbone=backbone)
 
 
 @app.command(no_args_is_help=True)
+@scoring_command
 def video(
-    paths: Paths = None, model: Model = "clifvqa", out: Out = Path("qscore-out"), csv: Csv = False,
-    device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = None,
-    registry_file: Registry_ = None, preset: Preset = None, sets: Set = None, force: Force = False,
-    ext: Ext = None, seed: Seed = 0, quiet: Quiet = False, verbose: Verbose = False,
-    max_files: MaxFiles = None, npz: Npz = False, maps: Maps = True,
+    paths: Paths = None, model: Model = "clifvqa", batch_size: Batch = 8,
     sampler: Annotated[Optional[str], typer.Option("--sampler", help="Frame sampler: uniform or framediff (models that sample frames).")] = None,
+    *, options: dict[str, Any],
 ) -> None:
     """Score video quality, one row per video (clifvqa, mvqa, qclip). The default, clifvqa, is the
     one that ships a starter checkpoint, so it scores with nothing else installed.
@@ -111,21 +153,17 @@ def video(
 
       qscore video ./clips --model qclip --sampler framediff --batch-size 16
     """
-    _run("video", paths, model, out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
-         weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
-         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, maps=maps,
-         extra={"sampler": sampler} if sampler else {})
+    _run("video", paths, model, batch_size, options, sampler=sampler)
 
 
 @app.command(no_args_is_help=True)
+@scoring_command
 def forgery(
     paths: Paths = None,
     mode: Annotated[str, typer.Option("--mode", help="iml: find manipulated pixels in an image; ciml: given its authentic source too.")] = "iml",
     pairs: Annotated[Optional[str], typer.Option("--pairs", help="CIML manifest CSV with columns forged,reference (then no PATH is needed).")] = None,
-    out: Out = Path("qscore-out"), csv: Csv = False, device: Device = "auto", batch_size: Batch = 8,
-    workers: Workers = -1, weights: Weights = None, registry_file: Registry_ = None, preset: Preset = None,
-    sets: Set = None, force: Force = False, ext: Ext = None, seed: Seed = 0, quiet: Quiet = False,
-    verbose: Verbose = False, max_files: MaxFiles = None, npz: Npz = False, maps: Maps = True,
+    batch_size: Batch = 8,
+    *, options: dict[str, Any],
 ) -> None:
     """Localise image manipulations (UGD-IML): mask, uncertainty and forgery score per image.
 
@@ -139,12 +177,10 @@ def forgery(
       qscore forgery --mode ciml --pairs pairs.csv --npz
     """
     if mode not in ("iml", "ciml"):
-        _usage(f"--mode must be iml or ciml, not {mode!r}")
+        usage(f"--mode must be iml or ciml, not {mode!r}")
     if pairs and mode != "ciml":
-        _usage("--pairs is for --mode ciml")
-    _run("forgery", paths, "ugdiml", out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
-         weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
-         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, maps=maps, pairs=pairs, extra={"mode": mode})
+        usage("--pairs is for --mode ciml")
+    _run("forgery", paths, "ugdiml", batch_size, options, pairs=pairs, mode=mode)
 
 
 @app.command()
@@ -157,6 +193,12 @@ def models() -> None:
     """
     from rich.console import Console
 
+    from qscore.weights import Registry
+
+    try:
+        reg = Registry.load()
+    except Exception:  # noqa: BLE001 - a broken registry must not hide the models
+        reg = None
     rows, notes = [], []
     for name in registry.names():
         try:
@@ -166,9 +208,9 @@ def models() -> None:
             continue
         total, trainable = _count(cls)
         s = cls.spec
-        rows.append([name, s.task, total, trainable, ", ".join(cls.presets), "\n".join(s.weights_keys)])
+        rows.append([name, s.task, total, trainable, ", ".join(cls.presets), "\n".join(reg.used_by(name) if reg else [])])
         notes.append(f"{name}: {s.summary}\n  paper: {s.paper}\n  licence: {s.licence}\n  score: {s.score_range}"
-                     + _starter_note(name))
+                     + _starter_note(name, reg))
     console = Console()
     console.print(_table("qscore models", ["model", "task", "params", "trainable", "presets", "weights keys"], rows,
                          whole=("model", "weights keys")))
@@ -206,8 +248,8 @@ def bench(
 
     from qscore.bench import bench as measure, synthesize, task_of
 
-    _logging(True, False)
-    overrides = _sets(sets)
+    setup_logging(True, False)
+    overrides = overrides_from(sets)
     with tempfile.TemporaryDirectory() as tmp:
         if not paths:
             kind = synthetic or {"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")
@@ -221,16 +263,13 @@ def bench(
         json_out.write_text(text + "\n")
 
 
-def _starter_note(name: str) -> str:
+def _starter_note(name: str, reg: Registry | None) -> str:
     """The starter's model card in a few lines: what it was trained on, how, and how well."""
     import json
 
-    from qscore.weights import Registry
-
     try:
-        reg = Registry.load()
         key = f"{name}-starter"
-        if key not in reg.keys():
+        if reg is None or key not in reg.keys():
             return ""
         card = json.loads(reg.path(key).with_suffix(".json").read_text())
     except Exception:  # noqa: BLE001 - a broken starter must not hide the list
@@ -289,7 +328,7 @@ def _registry(path: str | None):
     try:
         return Registry.load(path)
     except Exception as e:  # noqa: BLE001
-        _usage(f"cannot read weights registry: {e}")
+        usage(f"cannot read weights registry: {e}")
 
 
 @weights_app.command("list")
@@ -372,7 +411,7 @@ def weights_path(key: Annotated[str, typer.Argument(help="weights.toml key")], r
     try:
         typer.echo(str(reg.cache_path(key)))
     except KeyError as e:
-        _usage(str(e.args[0]))
+        usage(str(e.args[0]))
 
 
 def _register_training() -> None:
@@ -390,24 +429,6 @@ def main(ctx: typer.Context, version: Annotated[bool, typer.Option("--version", 
         typer.echo(f"qscore {__version__}")
         raise typer.Exit(0)
     _help_without_command(ctx)
-
-
-def _sets(sets: list[str] | None) -> dict[str, str]:
-    try:
-        return parse_sets(sets)
-    except UsageError as e:
-        _usage(str(e))
-
-
-def _usage(message: str) -> None:
-    typer.echo(f"qscore: {message}", err=True)
-    raise typer.Exit(EXIT_USAGE)
-
-
-def _logging(quiet: bool, verbose: bool) -> None:
-    """Timestamped lines on stderr (readable in cron logs); only qscore's own logger is verbose."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("qscore").setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 _register_training()

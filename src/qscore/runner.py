@@ -1,7 +1,9 @@
-"""The one batched inference engine: every model runs through ``run``.
+"""The one batched inference engine: every model scores through ``Engine``, in a scoring run
+(``run``: rows, artefacts, Parquet) and in evaluation alike (``train.loop.evaluate``: metrics).
 
-discover -> resume filter -> DataLoader workers (model.preparer: decode + sample on the CPU)
--> collate -> pinned, non-blocking copy -> forward under autocast -> postprocess -> sinks.
+plan -> discover -> build -> resume filter -> DataLoader workers (model.preparer: decode +
+sample on the CPU) -> collate -> pinned, non-blocking copy -> precompute (kept in the model's
+cache) + forward under autocast -> postprocess -> the consumer (scoring: sinks).
 
 The GPU is kept busy by a one-batch lookahead: batch n+1 is collated and copied while batch n's
 forward runs, and batch n's results are fetched and written after n+1 is launched. On the CPU
@@ -10,9 +12,7 @@ the forward is synchronous, so there is nothing to overlap: each batch is writte
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -23,13 +23,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qscore import __version__, registry
+from qscore import __version__
+from qscore.cache import ArrayCache
 from qscore.config import (  # noqa: F401 - callers take the run's vocabulary from here too
     EXIT_FAILED_FILES,
     EXIT_OK,
@@ -37,7 +37,10 @@ from qscore.config import (  # noqa: F401 - callers take the run's vocabulary fr
     RunConfig,
     check,
     parse_sets,
+    pick_device,
+    plan_run,
 )
+from qscore.console import Progress
 from qscore.cpus import usable_cpus
 from qscore.media.discover import DiscoveryError, discover
 from qscore.models.base import Model
@@ -51,7 +54,7 @@ from qscore.sinks import (
     write_artefacts,
     write_summary,
 )
-from qscore.types import Item, MissingWeights, Output, Sample, UsageError, safe_text
+from qscore.types import Item, Output, Sample, UsageError, safe_text
 
 log = logging.getLogger("qscore")
 
@@ -135,114 +138,20 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0] if msg else 'no message'}"
 
 
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise UsageError(f"bad --device {spec!r}: use auto, cpu or cuda[:N]") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec} asked for, but CUDA is not available on this machine")
-    return device
-
-
-def build_model(cfg: RunConfig, device: torch.device) -> tuple[Model, str, str]:
-    """Model class + config + weights -> (model on device in eval mode, weights_id, head).
-
-    Weights: ``--weights FILE`` or ``random``; else a trained head in the ``<model>-head`` slot;
-    else the starter checkpoint shipped in the package (``<model>-starter``, head "starter"),
-    unless another ``--preset`` is asked for; else the model's official weights."""
-    from qscore.weights import Registry
-
-    try:
-        cls = registry.get(cfg.model)
-    except KeyError as e:
-        raise UsageError(str(e.args[0])) from e
-    except ImportError as e:
-        raise UsageError(f"model {cfg.model!r} cannot be loaded: {e}") from e
-    if cls.spec.task != cfg.task:
-        raise UsageError(f"model {cfg.model!r} is a {cls.spec.task} model; use `qscore {cls.spec.task}`")
-    try:
-        reg = Registry.load(cfg.registry)
-        starter = reg.starter(cfg.model) if cfg.weights is None else None
-    except MissingWeights as e:
-        raise UsageError(str(e)) from e
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read weights registry: {e}") from e
-    weights, card = cfg.weights, None
-    if weights not in (None, "random"):
-        if not Path(weights).is_file():
-            raise UsageError(f"--weights {weights}: no such file (or use 'random')")
-        card = _card(Path(weights), f"--weights {weights}")
-    elif starter is not None:
-        card = _card(starter[1], starter[0])
-        if cfg.preset not in (None, card.get("preset")):
-            starter, card = None, None  # another preset asked for: the starter does not fit it
-        else:
-            weights = str(starter[1])
-    elif weights is None:
-        card = _head_card(reg, f"{cfg.model}-head")
-    overrides = dict(cfg.overrides)
-    preset = cfg.preset
-    if card is not None:
-        preset = preset or card.get("preset")
-        overrides = {**card.get("config", {}), **overrides}
-    cfg.preset = preset or next(iter(cls.presets))  # a checkpoint's card names its preset
-    if "seed" in {f.name for f in dataclasses.fields(cls.Config)}:
-        overrides["seed"] = cfg.overrides.get("seed", cfg.seed)  # --seed drives per-file sampling
-    try:
-        config = cls.settle(cls.make_config(cfg.preset, **overrides), reg)
-        torch.manual_seed(cfg.seed)  # random weights are reproducible too
-        model = cls(config)
-        weights_id, head = model.load(weights, reg)
-    except MissingWeights as e:
-        raise UsageError(str(e)) from e
-    except OSError as e:
-        raise UsageError(f"cannot read {e.filename}: {e.strerror}") from e
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{cfg.model}: {e}") from e
-    if starter is not None:
-        weights_id, head = f"{starter[0]}@{weights_id}", "starter"
-    return model.to(device).eval(), weights_id, head
-
-
-def _head_card(reg: Any, key: str) -> dict | None:
-    """The card of the checkpoint in a model's head slot, if the slot holds one with a card (its
-    preset and config are the ones the head was trained with)."""
-    try:
-        path = reg.path(key) if key in reg.keys() and reg.entry(key).kind != "none" else None
-    except MissingWeights:
-        return None  # load_official reports it
-    from qscore.weights import card_path
-
-    return _card(path, key) if path is not None and card_path(path).is_file() else None
-
-
-def _card(path: Path, what: str) -> dict:
-    """The JSON card beside a checkpoint (its preset and config)."""
-    from qscore.weights import card_path
-
-    card = card_path(path)
-    try:
-        return json.loads(card.read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{what}: cannot read its card {card}: {e}") from e
-
-
 def run(cfg: RunConfig) -> int:
     """Score every input; returns the exit code (0 ok, 1 some files failed, 2 usage error)."""
     started = time.time()
     try:
         check(cfg)
         device = pick_device(cfg.device)
-        model, weights_id, head = build_model(cfg, device)
-        items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=_mode(model) == "ciml", pairs=cfg.pairs)
+        plan = plan_run(cfg)
+        items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=plan.needs_reference, pairs=cfg.pairs)
+        model, weights_id, head = plan.build(device, cfg.seed, maps=cfg.maps or cfg.save_npz)
     except (UsageError, DiscoveryError) as e:
         log.error("qscore: %s", e)
         return EXIT_USAGE
     spec = model.spec
-    stem = spec.name if spec.task != "forgery" else f"{spec.name}-{_mode(model)}"
+    stem = f"{spec.name}-{_mode(model)}" if _mode(model) else spec.name
     sink = TableSink(cfg.out, stem, schema_for(spec.columns))
     try:
         with OutputLock(cfg.out / f"{stem}.lock"):
@@ -290,7 +199,6 @@ def _score(
     if cfg.max_files is not None:
         todo = todo[: cfg.max_files]
     stats = {"discovered": len(items), "skipped": len(items) - len(todo), "ok": 0, "error": 0}
-    totals = {"model_ms": 0.0, "decode_ms": 0.0, "stage_ms": 0.0}
     base = {
         "task": model.spec.task,
         "model": model.spec.name,
@@ -304,16 +212,16 @@ def _score(
     }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model.maps = cfg.maps or cfg.save_npz
     if not cfg.quiet:
         log.info("model %s (preset %s), weights %s (head: %s), device %s", model.spec.name, cfg.preset, weights_id, head, device)
-    engine = _Engine(cfg, model, device, sink, base, stats, totals)
     t0 = time.perf_counter()
-    with Progress(len(todo), enabled=cfg.progress, quiet=cfg.quiet) as progress:
-        engine.progress = progress
+    with Progress(enabled=False if cfg.quiet else cfg.progress, log_lines=not cfg.quiet) as progress:
+        rows = _Rows(cfg, sink, base, stats, progress.start("scoring", len(todo)))
+        engine = Engine(model, device, cfg.batch_size, cfg.workers, rows)
         if todo:
             engine.drive(todo)
     end = time.perf_counter()
+    totals = engine.totals
     elapsed = end - t0
     scored = stats["ok"] + stats["error"]
     stats.update(
@@ -331,6 +239,15 @@ def _score(
     return stats
 
 
+def precompute(model: Model, batch: dict[str, torch.Tensor], cache: ArrayCache | None) -> None:
+    """The model's cacheable device-side step on ``batch``, its results kept in ``cache`` (the
+    model's own, ``model.cache()``) for the next run's preparer: the runner's stage before each
+    forward, in scoring, evaluation and training alike."""
+    fresh = model.precompute(batch)
+    if cache is not None:
+        cache.keep(fresh)
+
+
 def chunk_size(n_files: int, batch_size: int, workers: int) -> int:
     """Files per DataLoader task. A worker prepares its whole chunk before handing it over, so a
     run with fewer files than workers x batch gets smaller chunks (and GPU batches) to keep every
@@ -338,35 +255,51 @@ def chunk_size(n_files: int, batch_size: int, workers: int) -> int:
     return max(1, min(batch_size, math.ceil(n_files / max(workers, 1))))
 
 
-class _Engine:
-    """The loop over batches: lookahead, OOM back-off, per-file isolation of model errors."""
+@dataclass
+class Result:
+    """One file's outcome, as the engine hands it over: its ``output`` (None for an error),
+    ``raw`` (its slice of the forward's outputs, on the CPU, for callers that need more than the
+    row: evaluation's probability maps) and this file's share of its batch's forward time."""
 
-    def __init__(self, cfg, model, device, sink, base, stats, totals):
-        self.cfg, self.model, self.device, self.sink, self.base = cfg, model, device, sink, base
-        self.stats, self.totals = stats, totals  # counts by status; summed decode/stage/model ms
-        self.batch_size = max(1, cfg.batch_size)
+    item: Item
+    facts: dict[str, Any]
+    output: Output | None = None
+    error: str | None = None
+    raw: dict[str, Any] | None = None
+    model_ms: float | None = None
+
+
+class Engine:
+    """The loop over batches: lookahead, OOM back-off, per-file isolation of model errors,
+    ``postprocess`` on writer threads. Every file's ``Result`` goes to ``emit`` (called on a
+    writer thread with one batch's results, several batches side by side), so scoring (rows,
+    artefacts, Parquet parts) and evaluation (metrics against labels) share this one loop."""
+
+    def __init__(self, model: Model, device: torch.device, batch_size: int, workers: int, emit: Callable[[list[Result]], None]):
+        self.model, self.device, self.emit = model, device, emit
+        self.batch_size = max(1, batch_size)
+        self.workers = workers if workers >= 0 else default_workers()
         self.autocast = device.type == "cuda"
-        self.progress: Progress | None = None
+        self.cache = model.cache()
+        self.totals = {"model_ms": 0.0, "decode_ms": 0.0, "stage_ms": 0.0}  # summed over files
         self._writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="qscore-writer")
-        self._counting = threading.Lock()  # stats and progress, updated by the writer threads
         self.first_launch: float | None = None  # perf_counter at the first forward's launch
         self.last_done: float | None = None  # perf_counter when the latest forward was back
         self._queued: deque[Future] = deque()
 
-    def drive(self, todo: list[Item]) -> None:
-        workers = self.cfg.workers if self.cfg.workers >= 0 else default_workers()
+    def drive(self, todo: Sequence[Item]) -> None:
         loader = DataLoader(
             Prepared(todo, self.model.preparer()),
-            batch_size=chunk_size(len(todo), self.batch_size, workers),
-            num_workers=workers,
+            batch_size=chunk_size(len(todo), self.batch_size, self.workers),
+            num_workers=self.workers,
             collate_fn=functools.partial(Chunk.make, self.model.collate),
             pin_memory=self.device.type == "cuda",
-            prefetch_factor=2 if workers else None,  # 2 batches per worker: bounded host memory
+            prefetch_factor=2 if self.workers else None,  # 2 batches per worker: bounded host memory
             persistent_workers=False,
         )
         pending = None
         for chunk in loader:
-            self._write([self._error_row(f.item, f.error, {"decode_ms": f.decode_ms}) for f in chunk.failures], [])
+            self._emit([Result(f.item, {"decode_ms": f.decode_ms}, error=f.error) for f in chunk.failures])
             whole = chunk.batch is not None and len(chunk.samples) <= self.batch_size
             for group in [chunk.samples] if whole else self._groups(chunk.samples):
                 launched = self._launch(group, chunk.batch if whole else None)
@@ -374,7 +307,7 @@ class _Engine:
                     self._finish(*pending)
                 if self.device.type != "cpu":
                     pending = launched
-                else:  # the forward has run already: write the batch now (progress, less lost to a kill)
+                else:  # the forward has run already: hand the batch over now (progress, less lost to a kill)
                     self._finish(*launched)
         if pending is not None:
             self._finish(*pending)
@@ -399,6 +332,7 @@ class _Engine:
             timer = _Timer(self.device)
             self.first_launch = self.first_launch or time.perf_counter()
             with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                precompute(self.model, batch, self.cache)
                 outputs = self.model(batch)
                 # Queued right behind this batch (into pinned memory), so `_finish` waits for this
                 # batch only, not for the next one launched after it: the GPU never idles there.
@@ -429,7 +363,7 @@ class _Engine:
         if not samples:
             return
         if error is not None:
-            self._write([self._error_row(s.item, error, s.facts) for s in samples], [])
+            self._emit([Result(s.item, s.facts, error=error) for s in samples])
             return
         batch_ms = timer.elapsed_ms()  # waits for the forward and its copy to the host
         self.last_done = time.perf_counter()
@@ -438,18 +372,19 @@ class _Engine:
         self._submit(self._post, samples, outputs, batch_ms / len(samples))
 
     def _post(self, samples: list[Sample], outputs: dict, per_file_ms: float) -> None:
-        """Writer thread: postprocess (maps to images), rows, artefacts, Parquet part. Threads
-        run side by side: ``postprocess`` must not keep state between batches."""
+        """Writer thread: postprocess (maps to images), then hand the results over. Threads run
+        side by side: ``postprocess`` must not keep state between batches."""
         try:
-            results = self.model.postprocess(outputs, samples)
+            outputs_of = self.model.postprocess(outputs, samples)
         except Exception as e:  # noqa: BLE001
-            self._write_now([self._error_row(s.item, f"postprocess: {describe(e)}", s.facts) for s in samples], [])
+            self.emit([Result(s.item, s.facts, error=f"postprocess: {describe(e)}") for s in samples])
             return
-        self._write_now([self._ok_row(s, r, per_file_ms) for s, r in zip(samples, results)], results)
+        self.emit([Result(s.item, s.facts, r, raw=_file_slice(outputs, i), model_ms=per_file_ms)
+                   for i, (s, r) in enumerate(zip(samples, outputs_of))])
 
-    def _write(self, rows: list[dict], results: list[Output]) -> None:
-        if rows:
-            self._submit(self._write_now, rows, results)
+    def _emit(self, results: list[Result]) -> None:
+        if results:
+            self._submit(self.emit, results)
 
     def _submit(self, fn: Callable, *args: Any) -> None:
         """Run ``fn`` on a writer thread, so postprocessing, PNG encoding and Parquet parts
@@ -463,14 +398,31 @@ class _Engine:
             self._queued.popleft().result()
         self._writer.shutdown()
 
-    def _write_now(self, rows: list[dict], results: list[Output]) -> None:
+
+def _file_slice(outputs: dict[str, Any], i: int) -> dict[str, Any]:
+    """File ``i``'s part of a batch's outputs (views: dim 0 is the file)."""
+    return {k: v[i] if torch.is_tensor(v) else v for k, v in outputs.items()}
+
+
+class _Rows:
+    """Scoring's side of the engine: results -> rows (core columns, the model's, media facts),
+    artefact PNGs / NPZ, a Parquet part per batch, counts and progress."""
+
+    def __init__(self, cfg: RunConfig, sink: TableSink, base: dict[str, Any], stats: dict[str, int], progress: Progress):
+        self.cfg, self.sink, self.base, self.stats, self.progress = cfg, sink, base, stats, progress
+        self._counting = threading.Lock()  # stats and progress, updated by the writer threads
+
+    def __call__(self, results: list[Result]) -> None:
+        rows = [self._row(r) for r in results]
         for row, result in zip(rows, results):
+            if result.output is None:
+                continue
             try:
                 if self.cfg.maps:
-                    for kind, rel in write_artefacts(self.cfg.out, row["rel_path"], result.artefacts).items():
+                    for kind, rel in write_artefacts(self.cfg.out, row["rel_path"], result.output.artefacts).items():
                         row[f"{kind}_path"] = rel
                 if self.cfg.save_npz:
-                    write_arrays(self.cfg.out, row["rel_path"], result.arrays)
+                    write_arrays(self.cfg.out, row["rel_path"], result.output.arrays)
             except OSError as e:
                 row.update(status="error", error=f"cannot write artefact: {e.strerror or e}")
         self.sink.append(rows)
@@ -479,10 +431,10 @@ class _Engine:
                 self.stats[row["status"]] += 1
                 if row["status"] == "error" and not self.cfg.quiet:
                     (log.warning if self.cfg.verbose else log.info)("error: %s: %s", row["path"], row["error"])
-            if self.progress is not None:
-                self.progress.advance(len(rows), sum(r["status"] == "error" for r in rows))
+            self.progress.advance(len(rows), sum(r["status"] == "error" for r in rows))
 
-    def _common(self, item: Item, facts: dict) -> dict:
+    def _row(self, result: Result) -> dict:
+        item, names = result.item, self.sink.schema.names
         row = dict(self.base)
         row.update(
             path=safe_text(os.path.abspath(item.path)),
@@ -493,18 +445,12 @@ class _Engine:
             reference_path=safe_text(os.path.abspath(item.reference)) if item.reference else None,
             scored_at=datetime.now(timezone.utc),
         )
-        row.update({k: v for k, v in facts.items() if k in self.sink.schema.names})
-        return row
-
-    def _error_row(self, item: Item, error: str, facts: dict) -> dict:
-        row = self._common(item, facts)
-        row.update(status="error", error=error, score=None)
-        return row
-
-    def _ok_row(self, sample: Sample, result: Output, model_ms: float) -> dict:
-        row = self._common(sample.item, sample.facts)
-        row.update({k: v for k, v in result.columns.items() if k in self.sink.schema.names})
-        row.update(status="ok", error=None, model_ms=model_ms)
+        row.update({k: v for k, v in result.facts.items() if k in names})
+        if result.output is None:
+            row.update(status="error", error=result.error, score=None)
+        else:
+            row.update({k: v for k, v in result.output.columns.items() if k in names})
+            row.update(status="ok", error=None, model_ms=result.model_ms)
         return row
 
 
@@ -530,75 +476,6 @@ class _Timer:
             self.end.synchronize()
             return self.start.elapsed_time(self.end)
         return (self.t1 - self.t0) * 1e3
-
-
-class Progress:
-    """A rich bar on a terminal; otherwise (cron, log files) a plain log line every ``EVERY``
-    seconds, also while a long batch is still in flight, and one when the last file is done."""
-
-    EVERY = 10.0
-
-    def __init__(self, total: int, enabled: bool | None, quiet: bool):
-        self.total, self.quiet = total, quiet
-        self.bar = (sys.stderr.isatty() if enabled is None else enabled) and not quiet
-        self.done = self.errors = 0
-        self.t0 = time.perf_counter()
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "Progress":
-        if self.bar:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-            from rich.progress import Progress as Bar
-
-            self._bar = Bar(
-                TextColumn("scoring"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} files/s  errors {task.fields[errors]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("scoring", total=self.total, rate="-", errors=0)
-        elif not self.quiet:
-            log.info("scoring %d file(s)", self.total)
-            threading.Thread(target=self._beat, name="qscore-progress", daemon=True).start()
-        return self
-
-    def advance(self, n: int, errors: int) -> None:
-        self.done += n
-        self.errors += errors
-        if self.bar:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            self._bar.update(self._task, advance=n, rate=f"{rate:.1f}", errors=self.errors)
-        elif not self.quiet and self.done == self.total:
-            self._line()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.EVERY):
-            self._line()
-
-    def _line(self) -> None:
-        elapsed = time.perf_counter() - self.t0
-        rate = self.done / max(elapsed, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        log.info(
-            "%d/%d files, %d error(s), %.2f files/s, elapsed %s, ETA %s",
-            self.done, self.total, self.errors, rate, _hms(elapsed), _hms(eta),
-        )
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self.bar:
-            self._bar.stop()
-
-
-def _hms(seconds: float) -> str:
-    if seconds != seconds:  # NaN
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def report(summary: dict[str, Any], quiet: bool) -> None:

@@ -24,7 +24,8 @@ from qscore.fsutil import atomic_file
 
 ROW_GROUP = 4096
 
-# The columns every row has, in order. Model-specific columns (ModelSpec.columns) follow.
+# The columns every row has, in order: the file, the run, the media facts, one path per artefact
+# kind (ARTEFACT_DIRS). Model-specific columns (ModelSpec.columns) follow.
 CORE_SCHEMA = pa.schema(
     [
         ("path", pa.string()),  # absolute path of the file
@@ -57,8 +58,6 @@ CORE_SCHEMA = pa.schema(
         ("mask_path", pa.string()),
         ("uncertainty_path", pa.string()),
         ("probability_path", pa.string()),
-        ("forgery_score", pa.float64()),
-        ("manipulated_fraction", pa.float64()),
         ("reference_path", pa.string()),  # CIML: the authentic source used
         ("scored_at", pa.timestamp("ms", tz="UTC")),
         ("qscore_version", pa.string()),

@@ -141,6 +141,10 @@ class Registry:
             for e in self.entries.values()
         ]
 
+    def used_by(self, model: str) -> list[str]:
+        """The keys whose ``used_by`` names ``model``: the one record of which weights a model loads."""
+        return [e.key for e in self.entries.values() if model in e.used_by]
+
     def starter(self, model: str) -> tuple[str, Path] | None:
         """``(key, file)`` of the starter checkpoint shipped for ``model`` (``<model>-starter``),
         when no trained head is registered in the ``<model>-head`` slot; None otherwise. The

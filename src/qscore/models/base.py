@@ -1,6 +1,7 @@
 """The one interface every method implements; the runner drives it.
 
-A model never walks folders, writes files or shows progress. It does four things:
+A model never walks folders, writes files or shows progress. It does four things (and, where
+it has device-side work worth keeping between runs, ``precompute`` and ``cache``):
 
 - ``preparer()``: a picklable callable ``Item -> Sample`` that runs in DataLoader workers on the
   CPU (decode, sample frames, crops). Any randomness is seeded from ``item.seed(run_seed)`` so
@@ -21,13 +22,19 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import pyarrow as pa
 import torch
 from torch import nn
 
 from qscore.types import Item, MissingWeights, Output, Sample
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from qscore.cache import ArrayCache
 
 
 @dataclass(frozen=True)
@@ -39,27 +46,42 @@ class ModelSpec:
     summary: str  # one line for `qscore models`
     paper: str  # arXiv id or citation
     licence: str  # licence of the official weights / code it builds on
-    weights_keys: tuple[str, ...] = ()  # weights.toml keys it can load
     lower_better: bool = False
     score_range: str = "[0, 1]"  # documented direction and range (USERS.md #8)
     columns: dict[str, pa.DataType] = field(default_factory=dict)  # extra per-model columns
-    artefacts: tuple[str, ...] = ()  # subset of ("heatmap", "mask", "uncertainty")
+    artefacts: tuple[str, ...] = ()  # subset of ("heatmap", "mask", "uncertainty", "probability")
+    reference_modes: tuple[str, ...] = ()  # Config.mode values where each file has an authentic reference
+
+    def needs_reference(self, config: Any) -> bool:
+        """Whether discovery must pair each file with its reference (CIML) under ``config``."""
+        return getattr(config, "mode", None) in self.reference_modes
 
 
 class Model(nn.Module):
-    """Base class of the five methods. Subclasses set ``spec`` and ``Config`` (a dataclass) and
-    ``presets`` (name -> Config kwargs); the first preset is the default."""
+    """Base class of the five methods. Subclasses set ``spec`` and ``Config`` (a dataclass);
+    their ``presets`` (name -> Config values; the first is the default) are data, read from
+    ``presets/<spec.name>.json`` beside the models unless the class sets them itself."""
 
     spec: ClassVar[ModelSpec]
     Config: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]]
-    # postprocess builds heatmaps and other maps only when set; the runner clears it for
-    # `--no-maps` without `--npz` (scores do not change, so it is not part of the config)
-    maps: bool = True
+    maps: bool = True  # see draw_maps
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__ and "presets" not in cls.__dict__:
+            cls.presets = read_presets(cls.spec.name)
 
     def __init__(self, config: Any):
         super().__init__()
         self.config = config
+
+    def draw_maps(self, enabled: bool) -> Model:
+        """Whether ``postprocess`` builds heatmaps and other maps (and the preparer keeps what they
+        need): off for ``--no-maps`` without ``--npz``. Scores do not change, so it is no part
+        of the config (nor of its hash)."""
+        self.maps = enabled
+        return self
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -118,22 +140,42 @@ class Model(nn.Module):
         return f"{self.spec.name}-head"
 
     def load_official(self, registry: Any) -> tuple[str, str]:
-        """The checkpoint registered under ``head_key`` (none of the papers released weights, so
-        it is one trained with ``qscore train``); MissingWeights when the slot is empty."""
+        """The checkpoint in the ``head_key`` slot (none of the papers released weights, so it is
+        one trained with ``qscore train``) when the slot holds a file, else ``load_headless``."""
+        path = self.head_file(registry)
+        return self.load_headless(registry) if path is None else self.load_head(path, registry)
+
+    def head_file(self, registry: Any) -> Path | None:
+        """The file in the ``head_key`` slot; None where weights.toml has no such slot or it holds
+        no file yet (kind "none"). A declared file that cannot be had raises MissingWeights: a
+        registered head never silently falls back."""
+        try:
+            return registry.path(self.head_key)
+        except (KeyError, MissingWeights):
+            if _holds_file(registry, self.head_key):
+                raise
+            return None
+
+    def load_head(self, path: Path, registry: Any) -> tuple[str, str]:
+        """A ``qscore train`` checkpoint (JSON card beside it) from the head slot."""
         from qscore.weights import load_checkpoint
 
-        try:
-            path = registry.path(self.head_key)
-        except (KeyError, MissingWeights) as e:
-            reason = " ".join(str(e.args[0] if e.args else e).split())  # one line: the registry's may wrap
-            raise MissingWeights(
-                f"{self.spec.name} has no trained weights registered as '{self.head_key}': train them with "
-                f"`qscore train {self.spec.name}`, then register the printed snippet or pass --weights FILE; "
-                f"--weights random only for smoke tests. {reason}"
-            ) from e
         state, card = load_checkpoint(path, expect_model=self.spec.name)
         self.load_trained(state, card, registry)
         return card["weights_id"], "trained"
+
+    def load_headless(self, registry: Any) -> tuple[str, str]:
+        """The official weights when no head is registered. Default: there are none (Q-CLIP and
+        CLiF-VQA run zero-shot instead, RSFIQA with a random head)."""
+        try:
+            slot = registry.entry(self.head_key).note
+        except KeyError:
+            slot = "weights.toml has no such slot"
+        raise MissingWeights(
+            f"{self.spec.name} has no trained weights registered as '{self.head_key}': train them with "
+            f"`qscore train {self.spec.name}`, then register the printed snippet or pass --weights FILE; "
+            f"--weights random only for smoke tests. {' '.join(slot.split())}"
+        )
 
     def load_backbone(self, registry: Any) -> None:
         """The pretrained parts (backbones) from weights.toml and no trained head: where
@@ -156,6 +198,18 @@ class Model(nn.Module):
         (random crops) and must then add what ``training_loss`` needs (e.g. the mask)."""
         raise NotImplementedError
 
+    def cache(self) -> ArrayCache | None:
+        """Where ``precompute``'s results are kept between runs (the preparer reads them back);
+        None: the model keeps nothing."""
+        return None
+
+    def precompute(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
+        """The device-side work worth keeping (RSFIQA: regions of the images its cache lacked),
+        before ``forward``: fills it into ``batch`` and returns it by cache key; the runner and
+        the training loop save it in ``cache()``. ``forward`` must call it too (a no-op once
+        done), so a bare forward works alike. Default: nothing."""
+        return {}
+
     def collate(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         keys = samples[0].inputs.keys()
         return {k: torch.stack([s.inputs[k] for s in samples]) for k in keys}
@@ -175,8 +229,27 @@ class Model(nn.Module):
         return plcc_rank_loss(self(batch)["score"].float(), targets.float())
 
 
+def _holds_file(registry: Any, key: str) -> bool:
+    """Whether weights.toml declares ``key`` with a file (not kind "none")."""
+    try:
+        return registry.entry(key).kind != "none"
+    except KeyError:
+        return False
+
+
+def read_presets(name: str) -> dict[str, dict[str, Any]]:
+    """``presets/<name>.json``: preset name -> Config values, in order (the first is the default).
+    A preset's ``about`` says what it is for and is no Config value."""
+    path = Path(__file__).with_name("presets") / f"{name}.json"
+    presets = json.loads(path.read_text())
+    return {preset: {k: v for k, v in values.items() if k != "about"} for preset, values in presets.items()}
+
+
 def coerce(value: Any, annotation: Any, default: Any) -> Any:
-    """Turn a CLI string (``--set key=value``) into the field's type, judged by its default."""
+    """Turn a CLI string (``--set key=value``) into the field's type, judged by its default; a
+    JSON list (presets, checkpoint cards) becomes the tuple a tuple field holds."""
+    if isinstance(value, list) and isinstance(default, tuple):
+        return tuple(value)
     if not isinstance(value, str) or isinstance(default, str) or default is None and "str" in str(annotation):
         return value
     if isinstance(default, bool):

@@ -157,34 +157,11 @@ class CLiFVQA(Model):
         summary="CLIP human-feeling prompts on native windows + fragment spatial features (CLiF-VQA)",
         paper="arXiv:2311.07090 (ACM MM 2024); CLiF-VQA+ decoupled variant",
         licence="MIT (openai CLIP weights); qscore heads Apache-2.0",
-        weights_keys=("clip-vit-b16-openai", "clifvqa-head"),
         score_range="zero-shot: [0, 1], higher better; trained head or starter: unbounded, higher better, linear in the training labels but not on their scale (PLCC + rank loss); --weights random: any value",
         columns={feeling_name(p): pa.float32() for p, _ in parse_pairs(OBJECTIVE) + parse_pairs(SUBJECTIVE)},
         artefacts=("heatmap",),
     )
     Config = CLiFVQAConfig
-    presets = {
-        "default": {},
-        "tiny": {
-            "clip_tiny": True,
-            "frames": 4,
-            "window_grid": (2, 2),
-            "fragment_grid": 4,
-            "fragment_patch": 32,
-            "spatial_backbone": "test_resnet",
-            "hidden": 32,
-            "backbone_lr_scale": 1.0,  # its backbone learns from scratch
-        },
-        # the shipped starter: no CLIP weights are needed (tiny random CLIP), so the spatial
-        # branch carries the score: 8 frames, 7 x 7 fragments, ResNet-10 learned from scratch
-        "starter": {
-            "clip_tiny": True,
-            "window_grid": (2, 2),
-            "spatial_backbone": "resnet10t",
-            "hidden": 128,
-            "backbone_lr_scale": 1.0,
-        },
-    }
 
     def __init__(self, config: CLiFVQAConfig):
         super().__init__(config)
@@ -208,27 +185,14 @@ class CLiFVQA(Model):
         self.head = nn.Sequential(
             nn.LayerNorm(width), nn.Linear(width, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1)
         )
-        self.zero_shot = False  # set by load_official when no trained head exists
+        self.zero_shot = False  # set by load_headless when no trained head exists
 
     # ---- weights ----------------------------------------------------------------------------
-    def load_official(self, registry: Any) -> tuple[str, str]:
-        """openai CLIP from weights.toml, plus the ``clifvqa-head`` checkpoint when one is
-        registered (a file entry); without one the score is zero-shot (mean feeling)."""
+    def load_headless(self, registry: Any) -> tuple[str, str]:
+        """openai CLIP from weights.toml and no trained head: the score is zero-shot (mean feeling)."""
         self.load_backbone(registry)
-        try:
-            has_head = registry.entry("clifvqa-head").kind != "none"
-        except KeyError:
-            has_head = False
-        if not has_head:
-            self.zero_shot = True
-            return "clip-vit-b16-openai", "zero-shot"
-        from qscore.weights import load_checkpoint as load_head
-
-        state, card = load_head(registry.path("clifvqa-head"), expect_model=self.spec.name)
-        self.load_state_dict(state, strict=False)
-        self._reset_prompts()
-        self.zero_shot = False
-        return card["weights_id"], "trained"
+        self.zero_shot = True
+        return "clip-vit-b16-openai", "zero-shot"
 
     def load_backbone(self, registry: Any) -> None:
         """The frozen openai CLIP ViT-B/16 from weights.toml."""

@@ -148,15 +148,9 @@ class MVQA(Model):
         summary="MVQA: bidirectional Mamba (VideoMamba) on USDS fragments + semantic tiles; no-reference video quality",
         paper="arXiv:2504.16003",
         licence="Apache-2.0 (VideoMamba code and Kinetics-400 weights); no official MVQA weights",
-        weights_keys=("videomamba-t16-k400", "videomamba-m16-k400", "mvqa-head"),
         score_range="unbounded, higher better: linear in the labels the head was trained on but not on their scale (PLCC + rank loss)",
     )
     Config = MVQAConfig
-    presets = {
-        "tiny": {},
-        "middle": {"d_model": 576, "depth": 32, "backbone_weights": "videomamba-m16-k400"},
-        "test": {"d_model": 32, "depth": 2, "frames": 4, "grid": 2, "head_hidden": 16, "backbone_weights": ""},
-    }
 
     def __init__(self, config: MVQAConfig):
         super().__init__(config)

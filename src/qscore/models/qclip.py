@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -175,15 +176,10 @@ class QCLIP(Model):
         summary="Q-CLIP: frozen PE-Core-L/14-336 + shared cross-modal adapter, 5 quality-level prompts",
         paper="arXiv 2508.06092",
         licence="Apache-2.0 (PE-Core weights); qscore-trained heads inherit their data's terms",
-        weights_keys=(OFFICIAL_BACKBONES[PE_L14], HEAD_KEY),
         score_range="trained head: unbounded, scale of its training run (PLCC loss); zero-shot: [1, 5]; --weights random: any value",
         columns={f"sim_{level}": pa.float32() for level in LEVELS},
     )
     Config = QCLIPConfig
-    presets = {
-        "default": {},
-        "tiny": {"backbone": "qscore-pe-micro", "adapted_blocks": 2, "bottleneck": 16},
-    }
 
     def __init__(self, config: QCLIPConfig):
         super().__init__(config)
@@ -313,21 +309,19 @@ class QCLIP(Model):
         open_clip.load_checkpoint(self.clip, str(registry.path(self._backbone_key())), strict=True)
         self.reset_context()
 
-    def load_official(self, registry: Any) -> tuple[str, str]:
-        """PE backbone (``pe-core-l14-336``); a trained head from the ``qclip-head`` slot when it
-        holds a file, else zero-shot (adapters off, softmax over the levels)."""
-        self.load_backbone(registry)
-        try:
-            head_path = registry.path(HEAD_KEY)
-        except MissingWeights:
-            if HEAD_KEY in registry.keys() and registry.entry(HEAD_KEY).kind != "none":
-                raise  # a head is declared but cannot be had: do not fall back silently
-            self.zero_shot = True
-            return f"{self._backbone_key()}+zero-shot", "zero-shot"
+    def load_head(self, path: Path, registry: Any) -> tuple[str, str]:
+        """PE backbone (``pe-core-l14-336``) and the head file in the ``qclip-head`` slot."""
         from qscore.weights import load_state, recorded_sha256
 
-        self._load_head(load_state(head_path))
-        return f"{HEAD_KEY}:sha256:{recorded_sha256(head_path)[:16]}", "trained"
+        self.load_backbone(registry)
+        self._load_head(load_state(path))
+        return f"{HEAD_KEY}:sha256:{recorded_sha256(path)[:16]}", "trained"
+
+    def load_headless(self, registry: Any) -> tuple[str, str]:
+        """PE backbone and no trained head: zero-shot (adapters off, softmax over the levels)."""
+        self.load_backbone(registry)
+        self.zero_shot = True
+        return f"{self._backbone_key()}+zero-shot", "zero-shot"
 
     def _backbone_key(self) -> str:
         if self.config.backbone not in OFFICIAL_BACKBONES:

@@ -6,8 +6,9 @@ RSA(F, label map, e) -> global attention map G (h, w) + pooled feature -> score.
 
 Where the work happens: the preparer (CPU workers) decodes, sizes the working image, hashes it
 and reads the region cache; on a miss it also resizes the image for SAM (or partitions it with
-SLIC right there). ``forward`` (device) segments and describes the misses (and writes them to the cache), crops image and label map
-identically, and runs backbone + RSA. Scores average several crops at test time; the heatmap is
+SLIC right there). ``precompute`` (device) segments and describes the misses, and the runner
+keeps them in the cache; ``forward`` crops image and label map identically and runs backbone +
+RSA. Scores average several crops at test time; the heatmap is
 G assembled over the crops, overlaid on the image at its original size.
 """
 
@@ -24,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qscore.cache import ArrayCache
 from qscore.models.base import Model, ModelSpec
 from qscore.types import Item, MissingWeights, Output, Sample
 from qscore.models.sam_regions import (
     SAM_KEYS,
-    RegionCache,
     RegionRules,
     SamRegions,
     build_sam,
@@ -422,7 +423,7 @@ class Preparer:
         image, facts = load_image(item.path, max_side=self.max_side)
         work = working_image(image, self.max_side, self.crop_size)
         h, w = work.shape[:2]
-        cache = RegionCache(self.cache_root, self.salt)
+        cache = ArrayCache(self.cache_root, self.salt)
         key = cache.key(work)
         inputs: dict[str, Tensor] = {
             "image": torch.tensor(work).permute(2, 0, 1),
@@ -455,7 +456,6 @@ class RSFIQA(Model):
         summary="Region-aware semantic attention IQA: SAM (or SLIC) regions, CLIP or measured region ratings, any backbone",
         paper="arXiv:2508.07818",
         licence="Apache-2.0 (SAM weights); MIT (CLIP ViT-B/16 openai); heads: trained by qscore",
-        weights_keys=("sam-vit-b", "sam-vit-l", "sam-vit-h", "clip-vit-b16-openai", "rsfiqa-head"),
         score_range="[0, 1], higher is better (normalised MOS of the training data)",
         columns={
             "regions": pa.string(),  # the partition: sam-vit-b | sam-tiny | ... | slic
@@ -467,21 +467,6 @@ class RSFIQA(Model):
         artefacts=("heatmap",),
     )
     Config = Config
-    presets = {
-        "default": {},
-        "tiny": {
-            "backbone": "resnet18", "crop_size": 224, "test_grid": 3, "max_side": 512, "sam": "tiny",
-            "points_per_side": 8, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.6, "box_nms_thresh": 0.9,
-            "min_region_frac": 0.01, "r_max": 8, "sam_points_per_batch": 64, "clip_arch": "tiny",
-            "dim": 64, "region_layers": 1, "heads": 4, "lr": 5e-4, "backbone_lr_scale": 1.0,
-        },
-        # the shipped starter: SAM's published rules (used where sam-vit-b is installed, else
-        # SLIC), measured region ratings, a small RSA and a ResNet-10 learned from scratch
-        "starter": {
-            "backbone": "resnet10t", "crop_size": 384, "test_grid": 3, "max_side": 512, "describer": "measured",
-            "dim": 64, "region_layers": 1, "heads": 4, "lr": 3e-4, "backbone_lr_scale": 1.0,
-        },
-    }
 
     def __init__(self, config: Config):
         config = self.settle(config, None)  # built without a registry: auto is SAM only for the tiny test SAM
@@ -523,14 +508,14 @@ class RSFIQA(Model):
         return f"sam-{self.config.sam.replace('_', '-')}" if self.regions is not None else "slic"
 
     # ---- CPU side ---------------------------------------------------------------------------------
-    def cache(self) -> RegionCache:
-        """The region cache. Its salt holds everything that changes a label map or a description
+    def cache(self) -> ArrayCache:
+        """The region cache (the preparer reads it, the runner fills it from ``precompute``). Its salt holds everything that changes a label map or a description
         besides the working image's pixels (which the key hashes): rules, names, weights."""
         c = self.config
         frozen = {"sam": fingerprint(self.regions.sam) if self.regions is not None else "slic", "describer": fingerprint(self.describer)}
         names = {k: getattr(c, k) for k in ("sam", "describer", "clip_arch", "mllm")}
         salt = json.dumps([dataclasses.asdict(self.rules), names, frozen, PAIRS, CONTENT], sort_keys=True)
-        return RegionCache(c.cache_dir or default_cache_dir(), salt)
+        return ArrayCache(c.cache_dir or default_cache_dir(), salt)
 
     def preparer(self, train: bool = False) -> Preparer:
         c, cache = self.config, self.cache()
@@ -583,25 +568,26 @@ class RSFIQA(Model):
 
     # ---- device side ------------------------------------------------------------------------------
     @torch.no_grad()
-    def describe_misses(self, batch: dict[str, Tensor]) -> None:
+    def precompute(self, batch: dict[str, Tensor]) -> dict[str, dict[str, np.ndarray]]:
         """Segment and describe the images the cache did not have (SAM in fp32, as the stock
-        generator runs it; SLIC label maps came from the preparer), fill them into ``batch`` and
-        store them in the cache."""
+        generator runs it; SLIC label maps came from the preparer), fill them into ``batch``
+        (marked cached) and return them by cache key, for the runner to keep."""
         miss = torch.nonzero(~batch["cached"]).flatten().tolist()
         if not miss:
-            return
+            return {}
         if self.regions is None:
             label_maps = [batch["labels"][b, :h, :w].long() for b, (h, w) in zip(miss, batch["hw"][miss].tolist())]
         else:
             with torch.autocast(batch["image"].device.type, enabled=False):
                 label_maps = self.regions(batch["sam_image"], batch["sam_hw"], batch["hw"][miss])
-        for b, labels in zip(miss, label_maps):
-            self.add_regions(batch, b, labels)
+        fresh = dict(self.add_regions(batch, b, labels) for b, labels in zip(miss, label_maps))
+        batch["cached"][miss] = True
+        return fresh
 
     @torch.no_grad()
-    def add_regions(self, batch: dict[str, Tensor], b: int, labels: Tensor) -> None:
-        """Describe image ``b`` of the batch by its label map (H, W) in 0..R-1, fill labels and
-        descriptions into ``batch`` and store them in the cache under the preparer's key."""
+    def add_regions(self, batch: dict[str, Tensor], b: int, labels: Tensor) -> tuple[str, dict[str, np.ndarray]]:
+        """Describe image ``b`` of the batch by its label map (H, W) in 0..R-1 and fill labels and
+        descriptions into ``batch``; returns the cache entry (the preparer's key, the arrays)."""
         h, w = labels.shape
         n = int(labels.max()) + 1
         regions, content = self.describer(batch["image"][b, :, :h, :w], labels, n)
@@ -610,8 +596,7 @@ class RSFIQA(Model):
         batch["content"][b, :n] = content
         batch["n_regions"][b] = n
         entry = {"labels": labels.to(torch.uint8), "regions": regions.float(), "content": content}
-        cache = RegionCache(self.config.cache_dir or default_cache_dir())  # the key comes hashed
-        cache.save(bytes(batch["key"][b].tolist()).hex(), {k: v.cpu().numpy() for k, v in entry.items()})
+        return bytes(batch["key"][b].tolist()).hex(), {k: v.cpu().numpy() for k, v in entry.items()}
 
     def crops(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Image and label-map crops at the same origins: uint8 (B*N, 3, c, c), long (B*N, c, c)."""
@@ -625,7 +610,7 @@ class RSFIQA(Model):
         return torch.stack(images), torch.stack(labels).long()
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        self.describe_misses(batch)
+        self.precompute(batch)  # a no-op where the runner ran it first (and kept what it found)
         b, n = batch["origins"].shape[:2]
         r = self.config.r_max
         images, labels = self.crops(batch)
@@ -710,21 +695,13 @@ class RSFIQA(Model):
             open_clip.load_checkpoint(self.describer.clip, str(registry.path("clip-vit-b16-openai")), strict=True)
             self.describer.reset()
 
-    def load_official(self, registry: Any) -> tuple[str, str]:
-        """SAM + CLIP, and the score head registered as ``rsfiqa-head`` (a ``qscore train rsfiqa``
-        checkpoint; the paper released none). Without one the head stays random (rows say
-        ``head = random``; ``qscore train --init official`` starts here, with the backbone's
-        pretrained weights from ``backbone_weights`` when set)."""
-        from qscore.weights import load_checkpoint, load_state
+    def load_headless(self, registry: Any) -> tuple[str, str]:
+        """SAM + CLIP and no ``rsfiqa-head`` (a ``qscore train rsfiqa`` checkpoint; the paper
+        released none): the head stays random (rows say ``head = random``; ``qscore train
+        --init official`` starts here, with the backbone's pretrained weights from
+        ``backbone_weights`` when set)."""
+        from qscore.weights import load_state
 
-        try:
-            has_head = registry.entry("rsfiqa-head").kind != "none"
-        except KeyError:
-            has_head = False
-        if has_head:
-            state, card = load_checkpoint(registry.path("rsfiqa-head"), expect_model=self.spec.name)
-            self.load_trained(state, card, registry)
-            return card["weights_id"], "trained"
         self.load_backbone(registry)
         if self.config.backbone_weights:
             missing = self.backbone.body.load_state_dict(load_state(registry.path(self.config.backbone_weights)), strict=False)

@@ -20,14 +20,14 @@ superpixels of the closest mean colour are merged until the rules hold, and ``fi
 the labels the same way. A random SAM gives almost no masks, so this is what a model without
 SAM's checkpoint partitions with.
 
-``RegionCache`` stores label maps and region descriptions by image content hash, so a file is
-segmented and described once across runs and training epochs.
+The runner keeps label maps and region descriptions by image content hash (``qscore.cache``,
+under ``default_cache_dir``), so a file is segmented and described once across runs and
+training epochs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,7 +37,6 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
-from qscore.fsutil import atomic_file
 
 SAM_KEYS = {"vit_b": "sam-vit-b", "vit_l": "sam-vit-l", "vit_h": "sam-vit-h"}
 
@@ -297,45 +296,7 @@ class SamRegions(nn.Module):
         return masks, batched_mask_to_box(masks), iou[keep][stable]
 
 
-# ---- content-hash cache --------------------------------------------------------------------------
-
-
-class RegionCache:
-    """Label maps and region descriptions by content hash, as ``.npz`` files under ``root``.
-
-    The key hashes the pixels together with ``salt`` (everything that changes the result: SAM
-    and describer weights, rules, working size), so a changed setting never reads a stale entry.
-    Reads happen in CPU workers; writes go to a temp file in the same folder, then a rename.
-    """
-
-    def __init__(self, root: str | os.PathLike, salt: str = ""):
-        self.root = Path(root)
-        self.salt = salt
-
-    def key(self, image: np.ndarray) -> str:
-        digest = hashlib.sha256(self.salt.encode())
-        digest.update(repr(image.shape).encode())
-        digest.update(np.ascontiguousarray(image).tobytes())
-        return digest.hexdigest()
-
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.npz"
-
-    def load(self, key: str) -> dict[str, np.ndarray] | None:
-        path = self._path(key)
-        if not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError):
-            return None  # a torn or foreign file counts as a miss and is rewritten
-
-    def save(self, key: str, arrays: dict[str, np.ndarray]) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, suffix=".tmp") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+# ---- where the regions are kept -----------------------------------------------------------------
 
 
 def default_cache_dir() -> Path:

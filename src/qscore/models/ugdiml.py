@@ -135,25 +135,17 @@ class UGDIML(Model):
         summary="UGD-IML: conditional mask diffusion, IML and CIML with one set of weights; mask + uncertainty",
         paper="arXiv:2508.06101",
         licence="no official weights (train with `qscore train ugdiml`); UNet from diffusers, Apache-2.0",
-        weights_keys=(),
         score_range="[0, 1] image forgery score (higher = more likely manipulated)",
-        columns={"threshold": pa.float32(), "mean_uncertainty": pa.float32()},
+        columns={
+            "forgery_score": pa.float64(),
+            "manipulated_fraction": pa.float64(),
+            "threshold": pa.float32(),
+            "mean_uncertainty": pa.float32(),
+        },
         artefacts=("mask", "probability", "uncertainty"),
+        reference_modes=("ciml",),
     )
     Config = UGDIMLConfig
-    presets = {
-        "default": {},
-        "tiny": {
-            "size": 32, "steps": 3, "samples": 2, "channels": (8, 16), "layers_per_block": 1,
-            "head_dim": 8, "groups": 4, "cond_channels": 4,
-        },
-        # the shipped starter: masks at 128 px from images at 512 px, a four-level UNet that
-        # predicts x0, fewer DDIM samples, so one image takes seconds on a CPU
-        "starter": {
-            "size": 128, "image_scale": 4, "channels": (32, 64, 128, 128), "steps": 8, "samples": 4,
-            "prediction": "sample",
-        },
-    }
 
     def __init__(self, config: UGDIMLConfig):
         super().__init__(config)

@@ -7,15 +7,13 @@ weights, missing pristine data) print one ``qscore: ...`` line and exit with cod
 from __future__ import annotations
 
 import json
-import logging
 import math
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from qscore.config import EXIT_USAGE, parse_sets
+from qscore.console import Progress, overrides_from, setup_logging, usage
 from qscore.types import UsageError
 
 Model = Annotated[str, typer.Argument(help="Model name (see `qscore models`), e.g. mvqa, qclip, clifvqa, rsfiqa, ugdiml.", show_default=False)]
@@ -72,9 +70,9 @@ def train_command(
     """
     from qscore.train.loop import TrainOptions, train
 
-    _logging(quiet)
+    setup_logging(quiet)
     opts = TrainOptions(
-        model=model, labels=labels, out=out, val=val, root=root, preset=preset, overrides=_overrides(sets), init=init,
+        model=model, labels=labels, out=out, val=val, root=root, preset=preset, overrides=overrides_from(sets), init=init,
         registry=registry_file, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, device=device, seed=seed, workers=workers, resume=resume, stop_after=stop_after,
         progress=None if not quiet else False,
@@ -116,8 +114,8 @@ def eval_command(
 
       qscore eval ugdiml --labels synth/test.csv --weights runs/ugd/best.safetensors --set mode=ciml
     """
-    _logging(quiet)
-    metrics = _guard(_evaluate, model, labels, weights, out, root, preset, _overrides(sets), device, batch_size, workers,
+    setup_logging(quiet)
+    metrics = _guard(_evaluate, model, labels, weights, out, root, preset, overrides_from(sets), device, batch_size, workers,
                      seed, plot, registry_file)
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
@@ -162,14 +160,15 @@ def synth_command(
     from qscore.train import synth
 
     if kind not in ("video", "forgery"):
-        _usage(f"synth makes 'video' or 'forgery' data, not {kind!r}")
-    _logging(quiet)
-    with _Progress(n, enabled=not quiet and sys.stderr.isatty(), title=f"synth {kind}") as tick:
+        usage(f"synth makes 'video' or 'forgery' data, not {kind!r}")
+    setup_logging(quiet)
+    with Progress(enabled=None if not quiet else False) as progress:
+        tick = progress.start(f"synth {kind}", n).advance if progress.bar else None
         if kind == "video":
             try:
                 w, h = (int(v) for v in size.lower().split("x"))
             except ValueError:
-                _usage(f"--size expects WxH, e.g. 320x240, not {size!r}")
+                usage(f"--size expects WxH, e.g. 320x240, not {size!r}")
             labels = _guard(synth.generate_video, out, n, seed, pristine, (w, h), frames, fps, workers, tick, clips,
                             clip_fraction)
         else:
@@ -181,15 +180,12 @@ def _evaluate(model, labels, weights, out, root, preset, overrides, device, batc
     import numpy as np
     import pandas as pd
 
-    from qscore import __version__, registry
-    from qscore.runner import RunConfig, build_model, pick_device
+    from qscore import __version__
+    from qscore.config import RunConfig, build_model, model_class, pick_device
     from qscore.train.labels import read_labels
     from qscore.train.loop import evaluate, scatter_png
 
-    try:
-        task = registry.get(model).spec.task
-    except KeyError as e:
-        raise UsageError(str(e.args[0])) from e
+    task = model_class(model).spec.task
     dev = pick_device(device)
     data = read_labels(labels, task, root)
     cfg = RunConfig(task=task, model=model, inputs=[], preset=preset, overrides=overrides, weights=weights,
@@ -217,43 +213,4 @@ def _guard(fn, *args):
     try:
         return fn(*args)
     except (UsageError, LabelError, SynthError) as e:
-        _usage(str(e))
-
-
-def _overrides(sets: list[str] | None) -> dict[str, str]:
-    try:
-        return parse_sets(sets)
-    except UsageError as e:
-        _usage(str(e))
-
-
-def _usage(message: str) -> None:
-    typer.echo(f"qscore: {message}", err=True)
-    raise typer.Exit(EXIT_USAGE)
-
-
-def _logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s qscore %(levelname)s %(message)s")
-
-
-class _Progress:
-    """A rich bar counting finished samples (a no-op off a terminal); yields the tick callable."""
-
-    def __init__(self, total: int, enabled: bool, title: str):
-        self.total, self.enabled, self.title, self.bar = total, enabled, title, None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.console import Console
-        from rich.progress import Progress
-
-        self.bar = Progress(console=Console(stderr=True))
-        self.bar.start()
-        task = self.bar.add_task(self.title, total=self.total)
-        return lambda k: self.bar.update(task, advance=k)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        usage(str(e))

@@ -17,23 +17,27 @@ import json
 import logging
 import math
 import os
-import sys
+import threading
 import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from qscore import __version__, registry
+from qscore import __version__
+from qscore.config import BACKBONE, load_registry, model_class, pick_device, plan_model
+from qscore.console import Progress
 from qscore.media.image import load_mask
 from qscore.models.base import Model
-from qscore.runner import Failure, Prepared, default_workers, pick_device
+from qscore.runner import Engine, Failure, Prepared, Result, default_workers, precompute
 from qscore.train.labels import Labels, read_labels
 from qscore.train.metrics import ForgeryMeter, quality_metrics
-from qscore.types import MissingWeights, Sample, UsageError
+from qscore.types import Item, Sample, UsageError
 
 log = logging.getLogger("qscore")
 
@@ -69,14 +73,14 @@ class TrainOptions:
 def train(opts: TrainOptions) -> dict:
     """Run (or resume) a training; returns a summary with the best checkpoint and its snippet."""
     from qscore.fsutil import atomic_file
-    from qscore.weights import Registry, load_checkpoint, snippet
+    from qscore.weights import load_checkpoint, snippet
 
     if opts.epochs < 1 or opts.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
     if opts.init not in ("official", "random"):
         raise UsageError(f"--init must be official or random, not {opts.init!r}")
     device = pick_device(opts.device)
-    cls = _model_class(opts.model)
+    cls = model_class(opts.model)
     train_set = read_labels(opts.labels, cls.spec.task, opts.root)
     val_set = read_labels(opts.val, cls.spec.task, opts.root) if opts.val else None
     out = Path(opts.out)
@@ -88,24 +92,13 @@ def train(opts: TrainOptions) -> dict:
     if opts.resume and not resume_file.exists():
         raise UsageError(f"--resume: no {resume_file} to continue from")
 
-    try:
-        reg = Registry.load(opts.registry)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read weights registry: {e}") from e
-    try:
-        config = cls.settle(cls.make_config(opts.preset, **opts.overrides), reg)
-        torch.manual_seed(opts.seed)
-        model = cls(config)
-        if opts.init == "official":
-            model.load_backbone(reg)
-    except MissingWeights as e:
-        raise UsageError(f"{e} (or train from scratch with --init random)") from e
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{opts.model}: {e}") from e
-    model.to(device)
+    reg = load_registry(opts.registry)
+    plan = plan_model(opts.model, opts.preset, opts.overrides, reg, BACKBONE if opts.init == "official" else "random")
+    model, _, _ = plan.build(device, opts.seed, hint=" (or train from scratch with --init random)")
+    config = model.config
 
     optimizer = torch.optim.AdamW(_param_groups(model, opts), lr=_hyper(model, "lr", opts.lr, DEFAULT_LR))
-    loader = _loader(model, train_set, opts.batch_size, opts.workers, train=True)
+    loader = _loader(model, train_set, opts.batch_size, opts.workers)
     steps = len(loader)
     total = opts.epochs * steps
     warmup = min(round(opts.warmup_epochs * steps), total // 2)
@@ -131,7 +124,7 @@ def train(opts: TrainOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     card = {
         "model": cls.spec.name,
-        "preset": opts.preset or next(iter(cls.presets)),
+        "preset": plan.preset,
         "config": dataclasses.asdict(config),
         "backbone": opts.init,
         "data_hash": key["data_hash"],
@@ -140,7 +133,7 @@ def train(opts: TrainOptions) -> dict:
         | {"labels": str(opts.labels), "val": opts.val, "n_train": len(train_set), "n_val": len(val_set or ())},
     }
     stop = min(opts.epochs, opts.stop_after or opts.epochs)
-    with _Bar(opts.progress) as bar:
+    with Progress(opts.progress) as bar:
         for epoch in range(start, stop):
             t0 = time.perf_counter()
             loss = _train_epoch(model, loader, optimizer, scheduler, device, opts.seed, epoch, bar)
@@ -198,6 +191,7 @@ def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) 
     _reseed(seed, epoch)
     loader.generator.manual_seed(_epoch_seed(seed, epoch))
     model.train()
+    cache = model.cache()
     losses = []
     bar.start(f"epoch {epoch + 1}", len(loader))
     for chunk in loader:
@@ -205,13 +199,14 @@ def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) 
         if len(samples) >= 2:  # correlation losses need two samples
             batch = _to_device(model.collate(samples), device)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                precompute(model, batch, cache)
                 loss = model.training_loss(batch, torch.as_tensor(targets, device=device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
         scheduler.step()
-        bar.advance(losses[-1] if losses else math.nan)
+        bar.advance(note=f"loss {losses[-1] if losses else math.nan:.4f}")
     if not losses:
         raise RuntimeError("no training batch had two decodable files: see the warnings above")
     return float(np.mean(losses))
@@ -221,38 +216,55 @@ def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) 
 def evaluate(
     model: Model, labels: Labels, device: torch.device, batch_size: int = 8, workers: int = -1, task: str | None = None
 ) -> tuple[dict, list[dict]]:
-    """Score every labelled file; returns (metrics, one row per file).
+    """Score every labelled file through the runner's engine (its OOM back-off, per-file
+    isolation and ``postprocess``); returns (metrics, one row per file).
 
-    Quality: SRCC/PLCC/KRCC/RMSE of ``outputs["score"]`` vs the targets. Forgery: the model's
-    ``outputs["prob"]`` (B, H, W) resized to each GT mask, ``outputs["score"]`` for image AUC.
-    Files that fail to decode get a row with their error and are left out of the metrics.
+    Quality: SRCC/PLCC/KRCC/RMSE of the scores vs the targets. Forgery: the model's
+    ``outputs["prob"]`` (H, W) resized to each GT mask, the score for image AUC. Files that fail
+    get a row with their error and are left out of the metrics.
     """
     task = task or model.spec.task
     was_training = model.training
     model.eval()
-    rows: list[dict] = []
+    rows: dict[int, dict] = {}
     meter = ForgeryMeter() if task == "forgery" else None
-    loader = _loader(model, labels, batch_size, workers, train=False)
-    for chunk in loader:
-        for index, failure, _ in (c for c in chunk if isinstance(c[1], Failure)):
-            rows.append(_row(labels, index) | {"status": "error", "error": failure.error, "prediction": math.nan})
-        ok = [(i, s) for i, s, _ in chunk if isinstance(s, Sample)]
-        if not ok:
-            continue
-        batch = _to_device(model.collate([s for _, s in ok]), device)
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            outputs = model(batch)
-        scores = outputs["score"].float().cpu().numpy()
-        for j, (index, sample) in enumerate(ok):
-            row = _row(labels, index) | {"status": "ok", "error": None, "prediction": float(scores[j])}
-            if meter is not None:
-                gt = _gt_mask(sample.item.mask, outputs["prob"].shape[-2:])
-                prob = torch.nn.functional.interpolate(outputs["prob"][j : j + 1, None].float(), size=gt.shape,
-                                                       mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
-                row |= meter.add(prob, gt, float(scores[j]))
-            rows.append(row)
-    model.train(was_training)
-    rows.sort(key=lambda r: r["index"])
+    indices: dict[Item, deque[int]] = defaultdict(deque)  # a file listed twice scores the same twice
+    for index, item in enumerate(labels.items):
+        indices[item].append(index)
+    measured: dict[int, tuple | None] = {}  # index -> the meter's inputs, until every earlier file is in
+    fed = 0  # files the meter has taken: it takes them in label order, so its means are the same every run
+    lock = threading.Lock()  # results come from the engine's writer threads, in any order
+
+    def collect(results: list[Result]) -> None:
+        nonlocal fed
+        for result in results:
+            with lock:
+                index = indices[result.item].popleft()
+            row = _row(labels, index)
+            inputs = None
+            if result.output is None:
+                row |= {"status": "error", "error": result.error, "prediction": math.nan}
+            else:
+                row |= {"status": "ok", "error": None, "prediction": result.output.columns["score"]}
+                if meter is not None:
+                    gt = _gt_mask(result.item.mask, result.raw["prob"].shape[-2:])
+                    prob = F.interpolate(result.raw["prob"][None, None], size=gt.shape, mode="bilinear", align_corners=False)
+                    inputs = prob[0, 0].numpy(), gt, row["prediction"]
+            with lock:
+                rows[index] = row
+                if meter is None:
+                    continue
+                measured[index] = inputs
+                while fed in measured:
+                    inputs = measured.pop(fed)
+                    if inputs is not None:
+                        rows[fed] |= meter.add(*inputs)
+                    fed += 1
+
+    maps = model.maps
+    Engine(model.draw_maps(False), device, batch_size, workers, collect).drive(labels.items)  # no heatmaps: rows only
+    model.draw_maps(maps).train(was_training)
+    rows = [rows[i] for i in sorted(rows)]
     good = [r for r in rows if r["status"] == "ok"]
     if meter is not None:
         metrics = meter.result()
@@ -287,36 +299,35 @@ def scatter_png(pred: np.ndarray, mos: np.ndarray, path: str | os.PathLike, titl
 
 
 # ---- helpers -------------------------------------------------------------------------------
-class _Indexed(Prepared):
-    """Prepared + the row index and target, so a shuffled batch keeps its labels:
-    ``i -> (i, Sample | Failure, target)``."""
+class _Labelled(Prepared):
+    """Prepared + the target, so a shuffled batch keeps its labels: ``i -> (Sample | Failure, target)``."""
 
     def __init__(self, labels: Labels, prepare):
         super().__init__(labels.items, prepare)
         self.targets = labels.targets
 
     def __getitem__(self, i: int):
-        return i, super().__getitem__(i), float(self.targets[i])
+        return super().__getitem__(i), float(self.targets[i])
 
 
-def _loader(model: Model, labels: Labels, batch_size: int, workers: int, train: bool) -> DataLoader:
-    """Chunks of ``(index, Sample | Failure, target)``; shuffled by a generator the training
-    loop reseeds each epoch."""
+def _loader(model: Model, labels: Labels, batch_size: int, workers: int) -> DataLoader:
+    """Training chunks of ``(Sample | Failure, target)`` (augmenting preparer), shuffled by a
+    generator the training loop reseeds each epoch."""
     return DataLoader(
-        _Indexed(labels, model.preparer(train=train)),
+        _Labelled(labels, model.preparer(train=True)),
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(labels) >= batch_size,
+        shuffle=True,
+        drop_last=len(labels) >= batch_size,
         num_workers=workers if workers >= 0 else default_workers(),
         collate_fn=list,
-        generator=torch.Generator() if train else None,
+        generator=torch.Generator(),
     )
 
 
 def _split_chunk(chunk) -> tuple[list[Sample], np.ndarray]:
     """Training chunk -> (samples, targets (N,)); failed files are logged and dropped."""
     samples, targets = [], []
-    for _, sample, target in chunk:
+    for sample, target in chunk:
         if isinstance(sample, Failure):
             log.warning("training: skipping %s: %s", sample.item.display, sample.error)
             continue
@@ -341,13 +352,6 @@ def _row(labels: Labels, index: int) -> dict:
     item = labels.items[index]
     return {"index": index, "path": item.display, "rel_path": item.rel_path, "target": float(labels.targets[index]),
             "reference": item.reference, "mask": item.mask}
-
-
-def _model_class(name: str) -> type[Model]:
-    try:
-        return registry.get(name)
-    except KeyError as e:
-        raise UsageError(str(e.args[0])) from e
 
 
 def _hyper(model: Model, name: str, cli: float | None, default: float) -> float:
@@ -427,34 +431,3 @@ def _jsonable(metrics: dict) -> dict:
 def _brief(metrics: dict) -> str:
     keys = ("train_loss", "srcc", "plcc", "krcc", "rmse", "f1", "iou", "pixel_auc", "image_auc")
     return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), float))
-
-
-class _Bar:
-    """A rich progress bar per epoch on a terminal; nothing otherwise (epoch lines are logged)."""
-
-    def __init__(self, enabled: bool | None):
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.progress, self.task = None, None
-
-    def __enter__(self) -> _Bar:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
-                                     console=Console(stderr=True), transient=False)
-            self.progress.start()
-        return self
-
-    def start(self, description: str, total: int) -> None:
-        if self.progress is not None:
-            self.task = self.progress.add_task(description, total=total, loss="-")
-
-    def advance(self, loss: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
