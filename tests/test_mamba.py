@@ -65,15 +65,16 @@ def test_reference_scan_fp32_and_strong_decay(path):
 
 
 def test_cpu_scan_is_step_by_step_and_each_sample_independent():
-    """The CPU default is the step-by-step scan; a sample's output is bitwise the same alone or
-    in a batch (d a multiple of the SIMD width, as in every preset), and per-sample parameters
-    (BiMamba's two directions) equal separate scans."""
+    """The CPU default is the step-by-step scan; a sample's output is the same alone or in a
+    batch up to fp32 rounding (elementwise kernels treat a tensor's vector tail apart, so on
+    AVX-512 the last bit can move with the batch's length; MVQA runs each clip alone on the CPU
+    for bitwise rows), and per-sample parameters (BiMamba's two directions) equal separate scans."""
     x = {k: v.float() for k, v in random_scan_inputs(b=3, d=16, n=16, length=37, seed=5).items()}
     out = selective_scan_reference(**x)
     assert torch.equal(out, selective_scan_reference(**x, steps=True))
     per_sample = {"u", "delta", "B", "C", "z"}
     alone = selective_scan_reference(**{k: v[1:2] if k in per_sample else v for k, v in x.items()})
-    assert torch.equal(alone, out[1:2])
+    assert torch.allclose(alone, out[1:2], rtol=1e-5, atol=1e-6)
     other = random_scan_inputs(b=3, d=16, n=16, length=37, seed=6)
     params = {k: torch.stack([x[k], other[k].float(), x[k]]) for k in ("A", "D", "delta_bias")}
     mixed = selective_scan_reference(**{**x, **params})

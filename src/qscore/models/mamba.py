@@ -159,8 +159,8 @@ def _scan_steps(delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor) -> T
     """sum_n C_t h_t for h_t = exp(delta_t A) h_{t-1} + du_t B_t, one step at a time in blocks
     of ``STEP_BLOCK`` steps, time-major with channels innermost, so each step reads contiguous
     (b, n, d) slices and the broadcasts run along d. Every step is elementwise, so a file's
-    states do not depend on its batch (bitwise where d fills whole SIMD vectors, as in every
-    preset). (b, d, L) -> (b, d, L)."""
+    states do not depend on its batch beyond fp32 rounding (a kernel's vector tail can move the
+    last bit; MVQA scans each clip on its own on the CPU). (b, d, L) -> (b, d, L)."""
     delta, du = (t.permute(2, 0, 1).contiguous() for t in (delta, du))  # (L, b, d)
     B = B.permute(2, 0, 1).unsqueeze(-1).contiguous()  # (L, b, n, 1)
     C = C.permute(2, 0, 1).unsqueeze(-2).contiguous()  # (L, b, 1, n)
