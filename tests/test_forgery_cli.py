@@ -59,3 +59,22 @@ def test_pairs_csv_without_paths_and_iml_mode(tmp_path):
     assert list(iml.rel_path) == ["f.png"] and iml.reference_path.isna().all()
     code, output = run(tmp_path / "f.png", "--mode", "iml", "--pairs", tmp_path / "pairs.csv", "--out", out)
     assert code == 2 and "--pairs is for --mode ciml" in output
+
+
+def test_pairs_outside_the_csv_folder_keep_their_artefacts_under_out(tmp_path):
+    """A --pairs entry with an absolute path elsewhere gets the manifest rule: rel_path is that
+    path without its leading separator, so its PNGs land inside --out, never beside the input."""
+    images, lists = tmp_path / "images", tmp_path / "lists"
+    images.mkdir()
+    lists.mkdir()
+    image(images / "f.png", seed=7)
+    image(images / "r.png", seed=8)
+    (lists / "pairs.csv").write_text(f"forged,reference\n{images / 'f.png'},{images / 'r.png'}\n")
+    out = tmp_path / "out"
+    code, output = run("--mode", "ciml", "--pairs", lists / "pairs.csv", "--out", out)
+    assert code == 0, output
+    row = pd.read_parquet(out / "ugdiml-ciml.parquet").iloc[0]
+    assert row.rel_path == str(images / "f.png").lstrip("/") and not row.rel_path.startswith("..")
+    mask = (out / row.mask_path).resolve()
+    assert mask.is_file() and mask.is_relative_to(out.resolve())
+    assert sorted(p.name for p in images.iterdir()) == ["f.png", "r.png"]  # the input folder is untouched

@@ -107,9 +107,15 @@ def _read_manifest(manifest: str) -> list[tuple[str, str]]:
     out = []
     for entry in entries:
         path = entry if os.path.isabs(entry) else os.path.join(base, entry)
-        rel = os.path.relpath(path, base)
-        out.append((path, rel if not rel.startswith("..") else path.lstrip(os.sep)))
+        out.append((path, _relative(path, base)))
     return out
+
+
+def _relative(path: str, base: str) -> str:
+    """A manifest entry's ``rel_path``: relative to the manifest's folder, or for a file outside
+    it the absolute path without its leading separator, so artefacts stay under --out."""
+    rel = os.path.relpath(path, base)
+    return rel if not rel.startswith("..") else os.path.abspath(path).lstrip(os.sep)
 
 
 def _read_pairs(pairs_csv: str) -> list[Item]:
@@ -126,7 +132,7 @@ def _read_pairs(pairs_csv: str) -> list[Item]:
     for row in rows:
         forged = os.path.join(base, row["forged"].strip())
         ref = (row["reference"] or "").strip()
-        item = _item(forged, os.path.relpath(forged, base))
+        item = _item(forged, _relative(forged, base))
         if not ref:
             item = replace(item, error="no reference given for this image in --pairs")
         else:
