@@ -159,9 +159,9 @@ class RayEngine:
             if done in decoding:
                 ready.append((done, decoding.pop(done)))
             else:
-                self._collect(done, busy, suspects)
+                self._collect(done, actors, busy, suspects)
 
-    def _collect(self, done: Any, busy: list[dict[Any, _Call]], suspects: deque[_Call]) -> None:
+    def _collect(self, done: Any, actors: list, busy: list[dict[Any, _Call]], suspects: deque[_Call]) -> None:
         """Keep a call's rows; or, when a worker died under it, count its files (and, for an actor
         that died, every call it held) and retry them alone."""
         index = next(i for i, calls in enumerate(busy) if done in calls)
@@ -173,6 +173,7 @@ class RayEngine:
             lost = list(busy[index].values())
             busy[index].clear()
             self._died(lost, e, suspects)
+            worker["pid"] = _restarted(actors[index])["pid"]
             return
         except ray.exceptions.RayError as e:  # its decode task's worker died (or a bug in the call)
             self._died([busy[index].pop(done)], e, suspects)
@@ -203,6 +204,16 @@ def _connect(cfg: RunConfig) -> None:
     env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("QSCORE_")}}
     start = {} if cfg.ray_address else {"include_dashboard": False}
     ray.init(address=cfg.ray_address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=cfg.verbose, **start)
+
+
+def _restarted(actor: Any) -> dict[str, Any]:
+    """Wait for Ray to restart a dead actor (it rebuilds the model): a call sent meanwhile would
+    fail unrun (``ActorUnavailableError``), and count against its files."""
+    while True:
+        try:
+            return ray.get(actor.ready.remote())
+        except ray.exceptions.RayActorError:
+            time.sleep(0.5)
 
 
 def _absolute(item: Item) -> Item:
