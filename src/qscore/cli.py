@@ -55,7 +55,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log every failed
 MaxFiles = Annotated[Optional[int], typer.Option("--max-files", min=0, help="Score at most this many files (of those not done yet).")]
 Npz = Annotated[bool, typer.Option("--npz", help="Also save float maps (probability, uncertainty, heat) as .npz under arrays/.")]
 Engine = Annotated[str, typer.Option("--engine", help="local: this machine's one device; ray: every GPU of a Ray cluster (pip install 'qscore[ray]').")]
-RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join, e.g. ray://head:10001 or auto (default: start a local Ray on this machine).")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join, e.g. auto or HEAD:6379 (default: start a local Ray on this machine).")]
 Maps = Annotated[bool, typer.Option("--maps/--no-maps", help="Write heatmap and mask PNGs; --no-maps writes the rows only (their *_path columns stay empty).")]
 
 
