@@ -149,3 +149,15 @@ def test_no_forbidden_import_direction():
 
 def test_types_imports_no_qscore_module():
     assert not graph()["qscore.types"]
+
+
+def test_only_the_ray_executor_imports_ray():
+    """The local runner stays free of Ray (an optional extra): one module imports it."""
+    importers = set()
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if (
+                isinstance(node, ast.ImportFrom) and not node.level) else []
+            if any(n.split(".")[0] == "ray" for n in names):
+                importers.add(name)
+    assert importers == {"qscore.ray_engine"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ class ToyConfig:
     delay: float = 0.0  # seconds to sleep per batch (kill -9 test)
     oom_above: int = 0  # raise CUDA OOM for batches larger than this (back-off test); 0 = never
     fail_name: str = ""  # files whose name contains this break the whole batch (isolation test)
+    die_name: str = ""  # files whose name contains this kill the process scoring them (Ray worker deaths)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Toy(Model):
             raise torch.cuda.OutOfMemoryError("simulated")
         if self.config.fail_name and x.shape[0] > 1 and bool(batch["poison"].any()):
             raise RuntimeError("poisoned batch")
+        if self.config.die_name and bool(batch["deadly"].any()):
+            os.kill(os.getpid(), signal.SIGKILL)
         feat = torch.relu(self.conv(x))  # (B, 4, H, W)
         score = torch.sigmoid(self.head(feat.mean((2, 3)))).squeeze(1)
         return {"score": score, "heat": feat.mean(1), "brightness": x.mean((1, 2, 3))}
@@ -66,6 +71,7 @@ class Toy(Model):
     def collate(self, samples):
         batch = super().collate(samples)
         batch["poison"] = torch.tensor([bool(self.config.fail_name) and self.config.fail_name in s.item.rel_path for s in samples])
+        batch["deadly"] = torch.tensor([bool(self.config.die_name) and self.config.die_name in s.item.rel_path for s in samples])
         return batch
 
     def load_official(self, registry):

@@ -54,6 +54,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors that sto
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log every failed file as a warning, and debug details.")]
 MaxFiles = Annotated[Optional[int], typer.Option("--max-files", min=0, help="Score at most this many files (of those not done yet).")]
 Npz = Annotated[bool, typer.Option("--npz", help="Also save float maps (probability, uncertainty, heat) as .npz under arrays/.")]
+Engine = Annotated[str, typer.Option("--engine", help="local: this machine's one device; ray: every GPU of a Ray cluster (pip install 'qscore[ray]').")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join, e.g. auto or HEAD:6379 (default: start a local Ray on this machine).")]
 Maps = Annotated[bool, typer.Option("--maps/--no-maps", help="Write heatmap and mask PNGs; --no-maps writes the rows only (their *_path columns stay empty).")]
 
 
@@ -75,6 +77,8 @@ SCORING_OPTIONS = [
     ("max_files", MaxFiles, None),
     ("npz", Npz, False),
     ("maps", Maps, True),
+    ("engine", Engine, "local"),
+    ("ray_address", RayAddress, None),
 ]
 
 
@@ -107,6 +111,7 @@ def _run(task: str, paths: list[str] | None, model: str, batch_size: int, option
         weights=o["weights"], registry=o["registry_file"], device=o["device"], batch_size=batch_size,
         workers=o["workers"], exts=tuple(o["ext"] or ()) or None, pairs=pairs, force=o["force"], seed=o["seed"],
         max_files=o["max_files"], csv=o["csv"], save_npz=o["npz"], maps=o["maps"], quiet=o["quiet"], verbose=o["verbose"],
+        engine=o["engine"], ray_address=o["ray_address"],
     )
     try:
         check(cfg)  # before torch is imported: a usage error comes at once

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class RunConfig:
     quiet: bool = False
     verbose: bool = False
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    engine: str = "local"  # local | ray (every GPU of a Ray cluster: qscore.ray_engine)
+    ray_address: str | None = None  # None: start a local Ray on this machine
 
 
 def parse_sets(sets: list[str] | None) -> dict[str, str]:
@@ -69,7 +72,7 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
 
 def check(cfg: RunConfig) -> None:
     """The usage errors found without building the model: unknown model, missing --weights
-    file, missing PATH or --pairs, unwritable --out (created here). Raises UsageError, or
+    file, --engine ray without Ray, missing PATH or --pairs, unwritable --out (created here). Raises UsageError, or
     ``DiscoveryError`` for the paths."""
     try:
         registry.target(cfg.model)
@@ -77,6 +80,10 @@ def check(cfg: RunConfig) -> None:
         raise UsageError(str(e.args[0])) from e
     if cfg.weights not in (None, "random") and not Path(cfg.weights).is_file():
         raise UsageError(f"--weights {cfg.weights}: no such file (or use 'random')")
+    if cfg.engine not in ("local", "ray"):
+        raise UsageError(f"--engine must be local or ray, not {cfg.engine!r}")
+    if cfg.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError("--engine ray needs Ray: pip install 'qscore[ray]'")
     check_inputs(cfg.inputs, cfg.pairs)
     prepare_out(cfg.out)
 

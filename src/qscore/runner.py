@@ -23,7 +23,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -34,6 +35,7 @@ from qscore.config import (  # noqa: F401 - callers take the run's vocabulary fr
     EXIT_FAILED_FILES,
     EXIT_OK,
     EXIT_USAGE,
+    ModelPlan,
     RunConfig,
     check,
     parse_sets,
@@ -143,7 +145,7 @@ def run(cfg: RunConfig) -> int:
     started = time.time()
     try:
         check(cfg)
-        device = pick_device(cfg.device)
+        device = torch.device("cpu") if cfg.engine == "ray" else pick_device(cfg.device)  # ray: the actors pick theirs
         plan = plan_run(cfg)
         items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=plan.needs_reference, pairs=cfg.pairs)
         model, weights_id, head = plan.build(device, cfg.seed, maps=cfg.maps or cfg.save_npz)
@@ -155,9 +157,9 @@ def run(cfg: RunConfig) -> int:
     sink = TableSink(cfg.out, stem, schema_for(spec.columns))
     try:
         with OutputLock(cfg.out / f"{stem}.lock"):
-            stats = _score(cfg, model, device, items, sink, weights_id, head)
+            stats = _score(cfg, plan, model, device, items, sink, weights_id, head)
             table = sink.compact(csv=cfg.csv)
-    except LockedError as e:
+    except (LockedError, UsageError) as e:  # usage: the Ray cluster cannot run what was asked
         log.error("qscore: %s", e)
         return EXIT_USAGE
     code = EXIT_FAILED_FILES if stats["error"] else EXIT_OK
@@ -171,7 +173,7 @@ def run(cfg: RunConfig) -> int:
         "config_hash": model.config_hash(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        **stats,
+        **stats,  # the Ray executor's stats name its own devices
         "rows_in_table": 0 if table is None else table.num_rows,
         "table": str(sink.table_path),
         "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
@@ -189,7 +191,8 @@ def _mode(model: Model) -> str | None:
 
 
 def _score(
-    cfg: RunConfig, model: Model, device: torch.device, items: list[Item], sink: TableSink, weights_id: str, head: str
+    cfg: RunConfig, plan: ModelPlan, model: Model, device: torch.device, items: list[Item], sink: TableSink,
+    weights_id: str, head: str,
 ) -> dict[str, Any]:
     """Resume filter, then the batched loop. Returns counts and throughput."""
     config_hash = model.config_hash()
@@ -217,7 +220,7 @@ def _score(
     t0 = time.perf_counter()
     with Progress(enabled=False if cfg.quiet else cfg.progress, log_lines=not cfg.quiet) as progress:
         rows = _Rows(cfg, sink, base, stats, progress.start("scoring", len(todo)))
-        engine = Engine(model, device, cfg.batch_size, cfg.workers, rows)
+        engine = _executor(cfg, plan, model, device, rows)
         if todo:
             engine.drive(todo)
     end = time.perf_counter()
@@ -235,8 +238,22 @@ def _score(
         gpu_busy=round(totals["model_ms"] / (elapsed * 1e3), 3) if elapsed > 0 and device.type == "cuda" else None,
         **{f"{k}_mean": round(v / scored, 3) if scored else None for k, v in totals.items()},
         peak_gpu_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+        engine=cfg.engine,
     )
+    if cfg.engine == "ray":
+        stats.update(device="ray", device_name=engine.device_name, workers=engine.per_worker,
+                     peak_gpu_mb=max((w["peak_gpu_mb"] for w in engine.per_worker), default=None) or None)
     return stats
+
+
+def _executor(cfg: RunConfig, plan: ModelPlan, model: Model, device: torch.device, rows: _Rows):
+    """The one seam between the two executors of the same Engine: here, or in Ray actors over a
+    cluster's GPUs (``qscore.ray_engine``, the one module that imports Ray)."""
+    if cfg.engine == "ray":
+        from qscore.ray_engine import RayEngine
+
+        return RayEngine(cfg, plan, model.preparer(), rows)
+    return Engine(model, device, cfg.batch_size, cfg.workers, rows)
 
 
 def precompute(model: Model, batch: dict[str, torch.Tensor], cache: ArrayCache | None) -> None:
@@ -288,6 +305,7 @@ class Engine:
         self._queued: deque[Future] = deque()
 
     def drive(self, todo: Sequence[Item]) -> None:
+        """Prepare ``todo`` in DataLoader workers and score it (the local executor)."""
         loader = DataLoader(
             Prepared(todo, self.model.preparer()),
             batch_size=chunk_size(len(todo), self.batch_size, self.workers),
@@ -297,8 +315,14 @@ class Engine:
             prefetch_factor=2 if self.workers else None,  # 2 batches per worker: bounded host memory
             persistent_workers=False,
         )
+        self.consume(loader)
+        self.flush()
+
+    def consume(self, chunks: Iterable[Chunk]) -> None:
+        """Score prepared chunks: every forward is back and every batch handed to a writer thread
+        when this returns (``flush`` waits for the writers)."""
         pending = None
-        for chunk in loader:
+        for chunk in chunks:
             self._emit([Result(f.item, {"decode_ms": f.decode_ms}, error=f.error) for f in chunk.failures])
             whole = chunk.batch is not None and len(chunk.samples) <= self.batch_size
             for group in [chunk.samples] if whole else self._groups(chunk.samples):
@@ -311,7 +335,6 @@ class Engine:
                     self._finish(*launched)
         if pending is not None:
             self._finish(*pending)
-        self.flush()
 
     def _groups(self, samples: list[Sample]):
         for i in range(0, len(samples), self.batch_size):
@@ -404,37 +427,31 @@ def _file_slice(outputs: dict[str, Any], i: int) -> dict[str, Any]:
     return {k: v[i] if torch.is_tensor(v) else v for k, v in outputs.items()}
 
 
-class _Rows:
-    """Scoring's side of the engine: results -> rows (core columns, the model's, media facts),
-    artefact PNGs / NPZ, a Parquet part per batch, counts and progress."""
+class RowMaker:
+    """Results -> rows (core columns, the model's, media facts), their artefact PNGs / NPZ
+    written. Picklable and shared-nothing, so the Ray executor makes rows where the model ran."""
 
-    def __init__(self, cfg: RunConfig, sink: TableSink, base: dict[str, Any], stats: dict[str, int], progress: Progress):
-        self.cfg, self.sink, self.base, self.stats, self.progress = cfg, sink, base, stats, progress
-        self._counting = threading.Lock()  # stats and progress, updated by the writer threads
+    def __init__(self, cfg: RunConfig, names: list[str], base: dict[str, Any]):
+        self.cfg, self.names, self.base = cfg, names, base
+        self.out = Path(cfg.out).absolute()  # a Ray worker's working folder is not the driver's
 
-    def __call__(self, results: list[Result]) -> None:
+    def __call__(self, results: list[Result]) -> list[dict]:
         rows = [self._row(r) for r in results]
         for row, result in zip(rows, results):
             if result.output is None:
                 continue
             try:
                 if self.cfg.maps:
-                    for kind, rel in write_artefacts(self.cfg.out, row["rel_path"], result.output.artefacts).items():
+                    for kind, rel in write_artefacts(self.out, row["rel_path"], result.output.artefacts).items():
                         row[f"{kind}_path"] = rel
                 if self.cfg.save_npz:
-                    write_arrays(self.cfg.out, row["rel_path"], result.output.arrays)
+                    write_arrays(self.out, row["rel_path"], result.output.arrays)
             except OSError as e:
                 row.update(status="error", error=f"cannot write artefact: {e.strerror or e}")
-        self.sink.append(rows)
-        with self._counting:
-            for row in rows:
-                self.stats[row["status"]] += 1
-                if row["status"] == "error" and not self.cfg.quiet:
-                    (log.warning if self.cfg.verbose else log.info)("error: %s: %s", row["path"], row["error"])
-            self.progress.advance(len(rows), sum(r["status"] == "error" for r in rows))
+        return rows
 
     def _row(self, result: Result) -> dict:
-        item, names = result.item, self.sink.schema.names
+        item = result.item
         row = dict(self.base)
         row.update(
             path=safe_text(os.path.abspath(item.path)),
@@ -445,13 +462,35 @@ class _Rows:
             reference_path=safe_text(os.path.abspath(item.reference)) if item.reference else None,
             scored_at=datetime.now(timezone.utc),
         )
-        row.update({k: v for k, v in result.facts.items() if k in names})
+        row.update({k: v for k, v in result.facts.items() if k in self.names})
         if result.output is None:
             row.update(status="error", error=result.error, score=None)
         else:
-            row.update({k: v for k, v in result.output.columns.items() if k in names})
+            row.update({k: v for k, v in result.output.columns.items() if k in self.names})
             row.update(status="ok", error=None, model_ms=result.model_ms)
         return row
+
+
+class _Rows:
+    """Scoring's side of the engine: results -> rows (``make``), then ``keep``: a Parquet part
+    per batch, counts and progress."""
+
+    def __init__(self, cfg: RunConfig, sink: TableSink, base: dict[str, Any], stats: dict[str, int], progress: Progress):
+        self.cfg, self.sink, self.stats, self.progress = cfg, sink, stats, progress
+        self.make = RowMaker(cfg, sink.schema.names, base)
+        self._counting = threading.Lock()  # stats and progress, updated by the writer threads
+
+    def __call__(self, results: list[Result]) -> None:
+        self.keep(self.make(results))
+
+    def keep(self, rows: list[dict]) -> None:
+        self.sink.append(rows)
+        with self._counting:
+            for row in rows:
+                self.stats[row["status"]] += 1
+                if row["status"] == "error" and not self.cfg.quiet:
+                    (log.warning if self.cfg.verbose else log.info)("error: %s: %s", row["path"], row["error"])
+            self.progress.advance(len(rows), sum(r["status"] == "error" for r in rows))
 
 
 class _Timer:
