@@ -38,6 +38,7 @@ Csv = Annotated[bool, typer.Option("--csv", help="Also write a CSV twin of the P
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Batch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Files per GPU batch (halved on CUDA out-of-memory).")]
 Workers = Annotated[int, typer.Option("--workers", "-j", help="CPU decode workers; -1 = one per core (max 16), 0 = in-process.")]
+Decoder = Annotated[str, typer.Option("--decoder", help="Video decoding: auto (NVDEC where PyNvVideoCodec and CUDA are there), cpu or gpu.")]
 Weights = Annotated[Optional[str], typer.Option("--weights", help="'random', a checkpoint from `qscore train` (.safetensors), or omit for the official weights in weights.toml.")]
 Registry_ = Annotated[Optional[str], typer.Option("--registry", help="weights.toml to use (default: $QSCORE_WEIGHTS, ./weights.toml, packaged).")]
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Model size preset, e.g. default or tiny (see `qscore models`).")]
@@ -97,7 +98,7 @@ def video(
     device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = None,
     registry_file: Registry_ = None, preset: Preset = None, sets: Set = None, force: Force = False,
     ext: Ext = None, seed: Seed = 0, quiet: Quiet = False, verbose: Verbose = False,
-    max_files: MaxFiles = None, npz: Npz = False, maps: Maps = True,
+    max_files: MaxFiles = None, npz: Npz = False, maps: Maps = True, decoder: Decoder = "auto",
     sampler: Annotated[Optional[str], typer.Option("--sampler", help="Frame sampler: uniform or framediff (models that sample frames).")] = None,
 ) -> None:
     """Score video quality, one row per video (clifvqa, mvqa, qclip). The default, clifvqa, is the
@@ -113,7 +114,7 @@ def video(
     """
     _run("video", paths, model, out=out, csv=csv, device=device, batch_size=batch_size, workers=workers,
          weights=weights, registry=registry_file, preset=preset, sets=sets, force=force, ext=ext, seed=seed,
-         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, maps=maps,
+         quiet=quiet, verbose=verbose, max_files=max_files, save_npz=npz, maps=maps, decoder=decoder,
          extra={"sampler": sampler} if sampler else {})
 
 
@@ -186,7 +187,8 @@ def bench(
     preset: Preset = None, sets: Set = None, repeats: Annotated[int, typer.Option("--repeats", help="Timed bare-forward batches.")] = 10,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="Files in the runner's untimed first pass (default: all, which fills caches such as RSFIQA's regions).", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
-    maps: Maps = True,
+    maps: Maps = True, decoder: Decoder = "auto",
+    gop: Annotated[int, typer.Option("--gop", help="Frames between keyframes of synthetic videos (default: 250, one keyframe).")] = 250,
 ) -> None:
     """Measure a model: bare forward on pre-decoded inputs vs the runner end to end.
 
@@ -211,9 +213,10 @@ def bench(
     with tempfile.TemporaryDirectory() as tmp:
         if not paths:
             kind = synthetic or {"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")
-            paths = synthesize(kind, n, Path(tmp) / "inputs")
+            paths = synthesize(kind, n, Path(tmp) / "inputs", gop=gop)
         cfg = RunConfig(task=task_of(model), model=model, inputs=list(paths), preset=preset, overrides=overrides,
-                        weights=weights, device=device, batch_size=batch_size, workers=workers, maps=maps)
+                        weights=weights, device=device, batch_size=batch_size, workers=workers, maps=maps,
+                        decoder=decoder)
         result = measure(cfg, list(paths), repeats, warmup)
     text = json.dumps(result, indent=2)
     typer.echo(text)

@@ -39,7 +39,9 @@ from qscore.config import (  # noqa: F401 - callers take the run's vocabulary fr
     parse_sets,
 )
 from qscore.cpus import usable_cpus
+from qscore.media import video
 from qscore.media.discover import DiscoveryError, discover
+from qscore.media.video import pick_decoder
 from qscore.models.base import Model
 from qscore.sinks import (
     LockedError,
@@ -79,7 +81,8 @@ class Failure:
 @dataclass
 class Chunk:
     """What a DataLoader worker hands over: failures, samples, and the samples already collated
-    (None when collating failed; the main thread then collates smaller groups itself)."""
+    (None when collating failed or the worker has no model to collate with: the main thread
+    then collates itself)."""
 
     failures: list[Failure]
     samples: list[Sample]
@@ -89,7 +92,7 @@ class Chunk:
     def make(collate: Callable[[list[Sample]], dict[str, torch.Tensor]], chunk: list) -> "Chunk":
         samples = [s for s in chunk if isinstance(s, Sample)]
         try:
-            batch = collate(samples) if samples else None
+            batch = collate(samples) if samples and collate else None
         except Exception:  # noqa: BLE001 - retried per group in the main thread
             batch = None
         return Chunk([f for f in chunk if isinstance(f, Failure)], samples, batch)
@@ -122,6 +125,7 @@ class Prepared(Dataset):
         except Exception as e:  # noqa: BLE001 - every failure becomes a row
             return Failure(item, describe(e), (time.perf_counter() - t0) * 1e3)
         sample.facts.setdefault("decode_ms", (time.perf_counter() - t0) * 1e3)
+        sample.inputs = {k: v.cpu() for k, v in sample.inputs.items()}  # GPU-decoded: leaves the worker on the CPU
         return sample
 
 
@@ -236,6 +240,7 @@ def run(cfg: RunConfig) -> int:
     try:
         check(cfg)
         device = pick_device(cfg.device)
+        cfg = dataclasses.replace(cfg, decoder=pick_decoder(cfg.decoder, device.type) if cfg.task == "video" else "cpu")
         model, weights_id, head = build_model(cfg, device)
         items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=_mode(model) == "ciml", pairs=cfg.pairs)
     except (UsageError, DiscoveryError) as e:
@@ -262,6 +267,7 @@ def run(cfg: RunConfig) -> int:
         "config_hash": model.config_hash(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "decoder": cfg.decoder,
         **stats,
         "rows_in_table": 0 if table is None else table.num_rows,
         "table": str(sink.table_path),
@@ -355,15 +361,28 @@ class _Engine:
 
     def drive(self, todo: list[Item]) -> None:
         workers = self.cfg.workers if self.cfg.workers >= 0 else default_workers()
+        # CUDA cannot be used in a forked child: GPU-decoding workers are spawned, and the model
+        # (whose collate the fork inherits) stays here, so the main thread collates their chunks
+        spawn = self.cfg.decoder == "gpu" and workers > 0
+        decoding = functools.partial(video.configure, self.cfg.decoder, max(1, usable_cpus() // max(workers, 1)))
         loader = DataLoader(
             Prepared(todo, self.model.preparer()),
             batch_size=chunk_size(len(todo), self.batch_size, workers),
             num_workers=workers,
-            collate_fn=functools.partial(Chunk.make, self.model.collate),
+            collate_fn=functools.partial(Chunk.make, None if spawn else self.model.collate),
             pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if workers else None,  # 2 batches per worker: bounded host memory
             persistent_workers=False,
+            worker_init_fn=decoding,
+            multiprocessing_context="spawn" if spawn else None,
         )
+        before = decoding()  # this process decodes too where workers == 0
+        try:
+            self._loop(loader)
+        finally:
+            video.configure(before.decoder, before.threads)
+
+    def _loop(self, loader: DataLoader) -> None:
         pending = None
         for chunk in loader:
             self._write([self._error_row(f.item, f.error, {"decode_ms": f.decode_ms}) for f in chunk.failures], [])

@@ -24,19 +24,16 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from qscore.media.image import looks_like_text, open_file
-from qscore.types import MediaError
+from qscore.types import MediaError, UsageError
 
 MAX_FRAMES_PER_CALL = 1024  # frames one ``frames()`` call may return
 MAX_FRAMES_TOUCHED = 20_000  # frames PyAV may decode per file (seeks land on keyframes)
 
 
-DECODERS = ("auto", "cpu", "gpu")
-
-
 @dataclass
 class DecodeSettings:
-    """How this process decodes: ``decoder`` "cpu" (PyAV) or "gpu" (NVDEC), and the
-    threads one CPU decoder may use (the runner gives each worker its share of the cores)."""
+    """How this process decodes: ``decoder`` "cpu" (PyAV) or "gpu" (NVDEC), and the threads
+    one CPU decoder may use (the runner gives each worker its share of the cores)."""
 
     decoder: str = "cpu"
     threads: int = 1
@@ -45,12 +42,28 @@ class DecodeSettings:
 SETTINGS = DecodeSettings()
 
 
-def configure(decoder: str = "cpu", threads: int = 1) -> None:
-    """Set this process's decoding (DataLoader workers call it at start: spawned ones do not
-    inherit the parent's module state)."""
+def configure(decoder: str, threads: int, worker_id: int | None = None) -> DecodeSettings:
+    """Set this process's decoding and return the settings it replaces. Also the runner's
+    DataLoader ``worker_init_fn`` (through functools.partial; ``worker_id`` is unused): spawned
+    workers do not inherit the parent's module state."""
     if decoder not in ("cpu", "gpu"):
         raise ValueError(f"decoder must be cpu or gpu here, got {decoder!r}")
+    before = DecodeSettings(SETTINGS.decoder, SETTINGS.threads)
     SETTINGS.decoder, SETTINGS.threads = decoder, max(1, int(threads))
+    return before
+
+
+def pick_decoder(choice: str, device_type: str) -> str:
+    """``--decoder`` auto | cpu | gpu -> "cpu" or "gpu": auto takes NVDEC where PyNvVideoCodec
+    is installed and the run is on CUDA. Raises UsageError for gpu where that is missing."""
+    from qscore.media import nvdec
+
+    if choice not in ("auto", "cpu", "gpu"):
+        raise UsageError(f"--decoder must be auto, cpu or gpu, got {choice!r}")
+    usable = choice != "cpu" and device_type == "cuda" and nvdec.available()
+    if choice == "gpu" and not usable:
+        raise UsageError("--decoder gpu needs a CUDA device and PyNvVideoCodec (pip install 'qscore[nvdec]')")
+    return "gpu" if usable else "cpu"
 
 
 def open_video(path: str, *, max_side: int | None = None, threads: int | None = None) -> VideoReader:
