@@ -181,19 +181,21 @@ def models() -> None:
 def bench(
     model: Annotated[str, typer.Argument(help="Model name.")],
     paths: Annotated[Optional[list[str]], typer.Argument(help="Inputs (default: synthetic, see --synthetic).", show_default=False)] = None,
-    synthetic: Annotated[str, typer.Option("--synthetic", help="image512, video720 or video1080 when no PATH is given.")] = "",
-    n: Annotated[int, typer.Option("--n", help="Number of synthetic files.")] = 32,
+    synthetic: Annotated[str, typer.Option("--synthetic", help="image512, video720 or video1080 when no PATH is given; several: comma-separated (one row each).")] = "",
+    n: Annotated[int, typer.Option("--n", help="Number of synthetic files per set.")] = 32,
     device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = "random",
     preset: Preset = None, sets: Set = None, repeats: Annotated[int, typer.Option("--repeats", help="Timed bare-forward batches.")] = 10,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="Files in the runner's untimed first pass (default: all, which fills caches such as RSFIQA's regions).", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
-    maps: Maps = True, decoder: Decoder = "auto",
-    gop: Annotated[int, typer.Option("--gop", help="Frames between keyframes of synthetic videos (default: 250, one keyframe).")] = 250,
+    maps: Maps = True,
+    decoder: Annotated[str, typer.Option("--decoder", help="Video decoding: auto, cpu or gpu; several: comma-separated (one row each).")] = "auto",
+    gop: Annotated[str, typer.Option("--gop", help="Frames between keyframes of synthetic videos (250: one per clip; 50: every 2 s); several: comma-separated.")] = "250",
 ) -> None:
     """Measure a model: bare forward on pre-decoded inputs vs the runner end to end.
 
     Reports files/s, peak GPU memory, GPU busy fraction, mean decode / stage (collate + copy) /
-    model ms per file, and the runner/bare ratio.
+    model ms per file, and the runner/bare ratio. Comma-separated --synthetic, --gop and
+    --decoder make one row each, the model built once, and print a Markdown table too.
 
     Examples:
 
@@ -201,25 +203,31 @@ def bench(
 
       qscore bench rsfiqa ./photos --batch-size 16 --json rsfiqa.json
 
-      qscore bench ugdiml --synthetic image512 --n 480 --warmup 32
+      qscore bench mvqa --preset tiny --synthetic video720,video1080 --gop 50,250 --decoder cpu,gpu -b 16
     """
     import json
     import tempfile
 
-    from qscore.bench import bench as measure, synthesize, task_of
+    from qscore.bench import bench as measure, synthesize, table, task_of
 
     _logging(True, False)
     overrides = _sets(sets)
     with tempfile.TemporaryDirectory() as tmp:
-        if not paths:
-            kind = synthetic or {"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")
-            paths = synthesize(kind, n, Path(tmp) / "inputs", gop=gop)
-        cfg = RunConfig(task=task_of(model), model=model, inputs=list(paths), preset=preset, overrides=overrides,
-                        weights=weights, device=device, batch_size=batch_size, workers=workers, maps=maps,
-                        decoder=decoder)
-        result = measure(cfg, list(paths), repeats, warmup)
+        if paths:
+            inputs = {" ".join(paths): list(paths)}
+        else:
+            kinds = synthetic.split(",") if synthetic else [{"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")]
+            gops = [int(g) for g in gop.split(",")]
+            inputs = {f"{k} gop {g}" if k.startswith("video") else k: synthesize(k, n, Path(tmp) / f"{k}-{g}", gop=g)
+                      for k in kinds for g in (gops if k.startswith("video") else [250])}
+        cfg = RunConfig(task=task_of(model), model=model, inputs=[], preset=preset, overrides=overrides,
+                        weights=weights, device=device, batch_size=batch_size, workers=workers, maps=maps)
+        rows = measure(cfg, inputs, decoder.split(","), repeats, warmup)
+    result = rows[0] if len(rows) == 1 else rows
     text = json.dumps(result, indent=2)
     typer.echo(text)
+    if len(rows) > 1:
+        typer.echo(table(rows))
     if json_out:
         json_out.write_text(text + "\n")
 

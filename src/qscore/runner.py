@@ -234,14 +234,15 @@ def _card(path: Path, what: str) -> dict:
         raise UsageError(f"{what}: cannot read its card {card}: {e}") from e
 
 
-def run(cfg: RunConfig) -> int:
-    """Score every input; returns the exit code (0 ok, 1 some files failed, 2 usage error)."""
+def run(cfg: RunConfig, built: tuple[Model, str, str] | None = None) -> int:
+    """Score every input; returns the exit code (0 ok, 1 some files failed, 2 usage error).
+    ``built``: ``build_model``'s result to use instead of building (``qscore bench``'s rows)."""
     started = time.time()
     try:
         check(cfg)
         device = pick_device(cfg.device)
         cfg = dataclasses.replace(cfg, decoder=pick_decoder(cfg.decoder, device.type) if cfg.task == "video" else "cpu")
-        model, weights_id, head = build_model(cfg, device)
+        model, weights_id, head = built or build_model(cfg, device)
         items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=_mode(model) == "ciml", pairs=cfg.pairs)
     except (UsageError, DiscoveryError) as e:
         log.error("qscore: %s", e)
