@@ -26,7 +26,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPEATS = 2  # passes over the clips per measurement; videos/s is over all of them
-ROUNDS = 2  # measurements per set and reader, alternating; the best counts
 
 
 def preparers() -> dict:
@@ -81,6 +80,8 @@ def main() -> None:
     p.add_argument("--make", default="", help="HEIGHT:GOP,... clip sets to write first (720 or 1080)")
     p.add_argument("--baseline", type=Path, help="an older qscore source folder (holding qscore/) to compare with")
     p.add_argument("--procs", type=int, default=0, help="processes at once (default: every usable core)")
+    p.add_argument("--only", default="", help="measure only the preparers whose name holds this")
+    p.add_argument("--rounds", type=int, default=2, help="measurements per set and reader (the best counts)")
     p.add_argument("--json", type=Path)
     p.add_argument("--measure-only", metavar="PREPARER", help=argparse.SUPPRESS)  # a subprocess: one set
     args = p.parse_args()
@@ -99,11 +100,11 @@ def main() -> None:
     if args.baseline:
         sources = {"baseline": str(args.baseline), **sources}
     results: dict = {}
-    print(f"{procs} processes; best of {ROUNDS} rounds, the readers alternating; videos/s (CPU ms per video)")
+    print(f"{procs} processes; best of {args.rounds} rounds, the readers alternating; videos/s (CPU ms per video)")
     for folder in sorted(p for p in args.clips.iterdir() if p.is_dir()):
-        for name in preparers():
+        for name in (n for n in preparers() if args.only in n):
             best: dict = {}
-            for _ in range(ROUNDS):  # alternate, so a neighbour's load hits both alike
+            for _ in range(args.rounds):  # alternate, so a neighbour's load hits both alike
                 for label, path in sources.items():
                     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
                     cmd = [sys.executable, __file__, str(folder), "--procs", str(procs), "--measure-only", name]

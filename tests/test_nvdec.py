@@ -1,11 +1,13 @@
-"""The GPU decoder's logic on the CPU: PyNvVideoCodec replaced by a stand-in that decodes with
-PyAV and hands out NV12 surfaces as NVDEC does, so positions, colour conversion, the per-file
-CPU fallback and the runner's --decoder run here; tests/test_nvdec_gpu.py decodes on NVDEC."""
+"""The GPU decoder's logic on the CPU: PyNvVideoCodec replaced by tests/fake_nvdec, which decodes
+with PyAV and hands out NV12 surfaces as NVDEC does, so positions, colour conversion, the
+per-file CPU fallback and the runner's --decoder (spawned workers included) run here without a
+GPU; tests/test_nvdec_gpu.py decodes on NVDEC."""
 
 from __future__ import annotations
 
+import os
 import sys
-import types
+from pathlib import Path
 
 import av
 import numpy as np
@@ -20,55 +22,22 @@ from qscore.runner import RunConfig, run
 from tests.badmedia import make_video
 
 
-class FakeFrame:
-    """A decoded NVDEC surface: DLPack export and its pts."""
-
-    def __init__(self, surface: np.ndarray, pts: int):
-        self.surface, self.pts = torch.from_numpy(surface), pts
-
-    def getPTS(self) -> int:
-        return self.pts
-
-    def __dlpack__(self, **kwargs):
-        return self.surface.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.surface.__dlpack_device__()
-
-
-class FakeDecoder:
-    """PyNvVideoCodec.SimpleDecoder's calls the reader makes; ``fail`` (a name part) raises."""
-
-    fail: str | None = None
-    pts_shift = 0
-
-    def __init__(self, path: str, gpu_id: int = 0, use_device_memory: bool = True, output_color_type: int = 0):
-        self.reconfigure_decoder(path)
-
-    def reconfigure_decoder(self, path: str) -> None:
-        self.path = path
-        with av.open(path) as c:
-            frames = [(f.pts, f.reformat(format="nv12").to_ndarray()) for f in c.decode(c.streams.video[0])]
-        self.frames = sorted(frames, key=lambda f: f[0])
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def get_batch_frames_by_index(self, indices: list[int]) -> list[FakeFrame]:
-        if self.fail and self.fail in self.path:
-            raise RuntimeError("simulated NVDEC failure")
-        return [FakeFrame(self.frames[i][1], self.frames[i][0] + self.pts_shift) for i in indices]
+FAKE = Path(__file__).parent / "fake_nvdec"
 
 
 @pytest.fixture
 def fake_nvdec(monkeypatch):
-    module = types.SimpleNamespace(SimpleDecoder=FakeDecoder, OutputColorType=types.SimpleNamespace(NATIVE=0))
-    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", module)
-    monkeypatch.setattr(nvdec, "_device", lambda: torch.device("cpu"))
+    """PyNvVideoCodec replaced by tests/fake_nvdec, here and in spawned workers."""
+    monkeypatch.syspath_prepend(str(FAKE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE), *sys.path]))
+    monkeypatch.delitem(sys.modules, "PyNvVideoCodec", raising=False)
+    import PyNvVideoCodec
+
     monkeypatch.setattr(nvdec, "_DECODERS", {})
-    monkeypatch.setattr(FakeDecoder, "fail", None)
-    monkeypatch.setattr(FakeDecoder, "pts_shift", 0)
-    return FakeDecoder
+    monkeypatch.setattr(PyNvVideoCodec.SimpleDecoder, "fail", None)
+    monkeypatch.setattr(PyNvVideoCodec.SimpleDecoder, "pts_shift", 0)
+    yield PyNvVideoCodec.SimpleDecoder
+    sys.modules.pop("PyNvVideoCodec", None)
 
 
 def test_nv12_conversion_matches_swscale(tmp_path):
@@ -142,17 +111,19 @@ def test_pick_decoder():
         video.pick_decoder("fast", "cpu")
 
 
-def test_run_with_the_gpu_decoder_writes_which_decoder_served_each_file(tmp_path, fake_nvdec, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])  # 2: spawned workers, the main thread collates
+def test_run_with_the_gpu_decoder_writes_which_decoder_served_each_file(tmp_path, fake_nvdec, monkeypatch, workers):
     clips = tmp_path / "clips"
     clips.mkdir()
     for name in ("a.mp4", "bad.mp4", "c.mp4"):
         make_video(clips / name, n=40, gop=20)
     fake_nvdec.fail = "bad"
+    monkeypatch.setenv("QSCORE_FAKE_NVDEC_FAIL", "bad")
     monkeypatch.setattr(runner, "pick_decoder", lambda choice, device_type: "gpu")
 
     def score(out, decoder):
         cfg = RunConfig(task="video", model="qclip", inputs=[str(clips)], out=out, preset="tiny", weights="random",
-                        device="cpu", workers=0, batch_size=2, decoder=decoder, quiet=True)
+                        device="cpu", workers=workers, batch_size=2, decoder=decoder, quiet=True)
         assert run(cfg) == 0
         return {r["rel_path"]: r for r in pq.read_table(out / "qclip.parquet").to_pylist()}
 

@@ -21,8 +21,8 @@ import torch
 
 from qscore import registry
 from qscore.media.discover import discover
-from qscore.runner import RunConfig, build_model, pick_device, run
-from qscore.types import Item
+from qscore.runner import EXIT_USAGE, RunConfig, build_model, pick_device, run
+from qscore.types import Item, UsageError
 
 
 def synthesize(kind: str, n: int, folder: Path, seed: int = 0, gop: int = 250) -> list[str]:
@@ -127,7 +127,8 @@ def bench(
                 run(dataclasses.replace(base, max_files=warmup), built)  # worker start, cuDNN autotune, caches
             bare = bare_forward(base, items, built, repeats)
             for decoder in decoders or [cfg.decoder]:
-                run(dataclasses.replace(base, decoder=decoder), built)
+                if run(dataclasses.replace(base, decoder=decoder), built) == EXIT_USAGE:
+                    raise UsageError(f"{cfg.model} on {name} with --decoder {decoder}: see the log above")
                 summary = json.loads(next(Path(tmp).glob("*.summary.json")).read_text())
                 runner = {k: summary.get(k) for k in RUNNER_KEYS}
                 end = runner["files_per_s"] or 0.0

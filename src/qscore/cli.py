@@ -180,8 +180,8 @@ def models() -> None:
 @app.command(no_args_is_help=True)
 def bench(
     model: Annotated[str, typer.Argument(help="Model name.")],
-    paths: Annotated[Optional[list[str]], typer.Argument(help="Inputs (default: synthetic, see --synthetic).", show_default=False)] = None,
-    synthetic: Annotated[str, typer.Option("--synthetic", help="image512, video720 or video1080 when no PATH is given; several: comma-separated (one row each).")] = "",
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Inputs, each file or folder one set of rows (default: synthetic, see --synthetic).", show_default=False)] = None,
+    synthetic: Annotated[str, typer.Option("--synthetic", help="image512, video720 or video1080 when no PATH is given; several: comma-separated (one set each).")] = "",
     n: Annotated[int, typer.Option("--n", help="Number of synthetic files per set.")] = 32,
     device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = "random",
     preset: Preset = None, sets: Set = None, repeats: Annotated[int, typer.Option("--repeats", help="Timed bare-forward batches.")] = 10,
@@ -194,8 +194,9 @@ def bench(
     """Measure a model: bare forward on pre-decoded inputs vs the runner end to end.
 
     Reports files/s, peak GPU memory, GPU busy fraction, mean decode / stage (collate + copy) /
-    model ms per file, and the runner/bare ratio. Comma-separated --synthetic, --gop and
-    --decoder make one row each, the model built once, and print a Markdown table too.
+    model ms per file, and the runner/bare ratio. Several PATHs, comma-separated --synthetic,
+    --gop and --decoder make one row each (input set x decoder), the model built once, and a
+    Markdown table too.
 
     Examples:
 
@@ -214,7 +215,7 @@ def bench(
     overrides = _sets(sets)
     with tempfile.TemporaryDirectory() as tmp:
         if paths:
-            inputs = {" ".join(paths): list(paths)}
+            inputs = {p: [p] for p in paths}
         else:
             kinds = synthetic.split(",") if synthetic else [{"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")]
             gops = [int(g) for g in gop.split(",")]

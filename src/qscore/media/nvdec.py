@@ -99,14 +99,18 @@ class NvdecReader(VideoReader):
             return None
 
     def _to_rgb(self, surface: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """An NV12 surface (H * 3/2, W) -> uint8 (h, w, 3) at the output ``size``, displayed
-        orientation, as the CPU path makes it: convert, resize the stored frame, rotate."""
+        """An NV12 surface (luma rows, then half as many interleaved chroma rows; either may be
+        padded) -> uint8 (h, w, 3) at the output ``size``, displayed orientation, as the CPU
+        path makes it: convert, resize the stored frame, rotate."""
         h, w = (self.width, self.height) if self.rotation in (90, 270) else (self.height, self.width)
         if surface.dim() == 3 and surface.shape[-1] == 1:
             surface = surface[..., 0]
-        if tuple(surface.shape) != (h + (h + 1) // 2, w):
+        rows = surface.shape[0]
+        luma = rows * 2 // 3
+        if surface.dim() != 2 or luma < h or surface.shape[1] < w or rows != luma + luma // 2:
             raise MediaError(f"unexpected NV12 surface {tuple(surface.shape)} for a {w}x{h} stream")
-        rgb = nv12_to_rgb(surface[:h], surface[h:], full_range=self.pix_fmt == "yuvj420p")  # (3, h, w)
+        y, uv = surface[:h, :w], surface[luma : luma + (h + 1) // 2, : w + w % 2]
+        rgb = nv12_to_rgb(y, uv, full_range=self.pix_fmt == "yuvj420p")  # (3, h, w)
         stored = (size[1], size[0]) if self.rotation in (90, 270) else size
         if tuple(rgb.shape[-2:]) != stored:
             rgb = F.interpolate(rgb[None], size=stored, mode="bilinear", align_corners=False, antialias=True)[0]
@@ -131,8 +135,8 @@ def nv12_to_rgb(y: torch.Tensor, uv: torch.Tensor, full_range: bool = False) -> 
 
 
 def _device() -> torch.device:
-    """Where frames go: the current CUDA device."""
-    return torch.device("cuda", torch.cuda.current_device())
+    """Where frames go: the current CUDA device (the CPU without one: the tests' stand-in)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 _DECODERS: dict[Any, Any] = {}  # one PyNvVideoCodec decoder per device and process, reused file to file
