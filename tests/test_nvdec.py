@@ -62,8 +62,8 @@ def test_same_positions_and_close_pixels_as_the_cpu(tmp_path, fake_nvdec):
         facts = gpu.facts()
     assert used_gpu == used_cpu and used_cpu != want  # the plan moved some frames, the same on both
     assert torch.is_tensor(near_gpu) and near_gpu.dtype == torch.uint8 and near_gpu.shape == (8, 32, 32, 3)
-    assert np.abs(exact_gpu.numpy().astype(int) - exact_cpu).mean() < 1.5
-    assert np.abs(near_gpu.numpy().astype(int) - near_cpu).mean() < 3  # resized after vs while converting
+    assert np.abs(exact_gpu.cpu().numpy().astype(int) - exact_cpu).mean() < 1.5
+    assert np.abs(near_gpu.cpu().numpy().astype(int) - near_cpu).mean() < 3  # resized after vs while converting
     assert facts["decoder"] == "nvdec" and facts["decode_warnings"] is None
 
 
@@ -74,7 +74,7 @@ def test_a_failing_file_falls_back_to_the_cpu_and_says_so(tmp_path, fake_nvdec):
         frames, used = gpu.frames_near([0, 10, 20], near=1)
         want, want_used = cpu.frames_near([0, 10, 20], near=1)
         facts = gpu.facts()
-    assert used == want_used and np.array_equal(frames.numpy(), want)  # the CPU's frames, as tensors
+    assert used == want_used and np.array_equal(frames.cpu().numpy(), want)  # the CPU's frames, as tensors
     assert facts["decoder"] == "pyav" and "GPU decoder failed" in facts["decode_warnings"]
 
 

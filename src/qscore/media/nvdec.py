@@ -88,7 +88,7 @@ class NvdecReader(VideoReader):
             for p, frame in zip(positions, frames):
                 if frame.getPTS() != self._index.pts[p]:
                     raise MediaError(f"frame {p} came with pts {frame.getPTS()}, the index has {self._index.pts[p]}")
-                got[p] = self._to_rgb(torch.from_dlpack(frame), size)
+                got[p] = self._to_rgb(torch.from_dlpack(frame).to(self.device), size)  # no copy on NVDEC
             # the decoder may reuse its surfaces on the next call: finish reading them first
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
