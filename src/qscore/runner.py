@@ -61,6 +61,9 @@ log = logging.getLogger("qscore")
 # heatmap overlay and its PNG: ~26 ms per image on one core): writer threads take batches side by side.
 WRITERS = min(4, usable_cpus())
 MAX_QUEUED = WRITERS + 1  # batches waiting for or in the writer threads
+# --workers -1 with the GPU decoder: NVDEC does the decoding (an H200 has 7 engines), a worker
+# only probes, indexes and samples, and each one holds a CUDA context
+GPU_DECODE_WORKERS = 8
 
 
 def default_workers() -> int:
@@ -361,10 +364,11 @@ class _Engine:
         self._queued: deque[Future] = deque()
 
     def drive(self, todo: list[Item]) -> None:
-        workers = self.cfg.workers if self.cfg.workers >= 0 else default_workers()
+        gpu = self.cfg.decoder == "gpu"
+        workers = self.cfg.workers if self.cfg.workers >= 0 else min(GPU_DECODE_WORKERS if gpu else 16, default_workers())
         # CUDA cannot be used in a forked child: GPU-decoding workers are spawned, and the model
         # (whose collate the fork inherits) stays here, so the main thread collates their chunks
-        spawn = self.cfg.decoder == "gpu" and workers > 0
+        spawn = gpu and workers > 0
         decoding = functools.partial(video.configure, self.cfg.decoder, max(1, usable_cpus() // max(workers, 1)))
         loader = DataLoader(
             Prepared(todo, self.model.preparer()),
