@@ -6,10 +6,14 @@ CPU decoder's: ``frames_used`` is the same on both. NVDEC then decodes the frame
 NV12, and the colour conversion runs on the GPU with the matrix swscale (the CPU path) uses
 (BT.601; full range for yuvj420p); frames come back as CUDA uint8 (T, H, W, 3) tensors.
 
-Never a wrong frame: files NVDEC is not given (codecs other than H.264 / HEVC / VP9 / AV1,
-anything but 8-bit 4:2:0) and files it fails on (a decoder error, a frame count or a
-timestamp that disagrees with the index, an unexpected surface) are decoded on the CPU, with
-the reason in ``decode_warnings``; their frames are copied to the GPU, so callers see one type.
+Never a wrong frame: every frame NVDEC returns must carry the timestamp the packet index
+predicts for its position (NVDEC's parser hands the packets' decode timestamps out in display
+order, so position p gets the p-th smallest dts: seen on the H200, 2026-12-03, where the pts
+of x264 clips with B-frames came out two frames early). Files NVDEC is not given (codecs other
+than H.264 / HEVC / VP9 / AV1, anything but 8-bit 4:2:0, packets without dts) and files it
+fails on (a decoder error, a frame count or timestamp that disagrees with the index, an
+unexpected surface) are decoded on the CPU, with the reason in ``decode_warnings``; their
+frames are copied to the GPU, so callers see one type.
 """
 
 from __future__ import annotations
@@ -81,13 +85,16 @@ class NvdecReader(VideoReader):
             decoder = _decoder(self.path, self.device)
             if len(decoder) != self.n_frames:
                 raise MediaError(f"it counts {len(decoder)} frames, the container {self.n_frames}")
+            stamps = self._index.dts
+            if stamps is None:
+                raise MediaError("packets without decode timestamps: its frames could not be checked")
             frames = decoder.get_batch_frames_by_index(list(positions))
             if len(frames) != len(positions):
                 raise MediaError(f"{len(frames)} frames for {len(positions)} asked")
             got = {}
             for p, frame in zip(positions, frames):
-                if frame.getPTS() != self._index.pts[p]:
-                    raise MediaError(f"frame {p} came with pts {frame.getPTS()}, the index has {self._index.pts[p]}")
+                if frame.getPTS() != stamps[p]:
+                    raise MediaError(f"frame {p} came stamped {frame.getPTS()}, the index expects {stamps[p]}")
                 got[p] = self._to_rgb(torch.from_dlpack(frame).to(self.device), size)  # no copy on NVDEC
             # the decoder may reuse its surfaces on the next call: finish reading them first
             if self.device.type == "cuda":

@@ -329,8 +329,11 @@ class _PacketIndex:
     (H.264) which positions are reference frames. Built by demuxing (no decoding), so counts are
     exact."""
 
-    def __init__(self, pts: list[int], keys: list[int], refs: dict[int, bool] | None = None):
+    def __init__(self, pts: list[int], keys: list[int], refs: dict[int, bool] | None = None, dts: list | None = None):
         self.pts = sorted(pts)
+        # NVDEC stamps the frame at position p with the p-th decode timestamp (the parser hands
+        # packet timestamps out in display order): the key to check its frames by
+        self.dts = sorted(dts) if dts and None not in dts and len(dts) == len(pts) else None
         self._position = {p: i for i, p in enumerate(self.pts)}
         self.keys = sorted({self._position[k] for k in keys}) or [0]
         self.n_frames = len(self.pts)
@@ -339,6 +342,7 @@ class _PacketIndex:
     @classmethod
     def build(cls, container: Any, stream: Any, warnings: list[str]) -> _PacketIndex:
         pts: list[int] = []
+        dts: list[int | None] = []
         keys: list[int] = []
         is_ref = _reference_test(stream.codec_context)
         refs: dict[int, bool] | None = {} if is_ref else None
@@ -350,6 +354,7 @@ class _PacketIndex:
                 p = packet.pts if packet.pts is not None else packet.dts
                 p = p if p is not None else len(pts)
                 pts.append(p)
+                dts.append(packet.dts)
                 if packet.is_keyframe:
                     keys.append(p)
                 if refs is not None:
@@ -358,7 +363,7 @@ class _PacketIndex:
             warnings.append(f"container damaged after {len(pts)} frames ({_av_reason(e)})")
         if stream.frames and stream.frames > len(pts):
             warnings.append(f"the header promises {stream.frames} frames but the file holds {len(pts)} (truncated?)")
-        return cls(pts, keys, refs)
+        return cls(pts, keys, refs, dts)
 
     def keyframe_before(self, position: int) -> int:
         return self.keys[max(0, bisect.bisect_right(self.keys, position) - 1)]

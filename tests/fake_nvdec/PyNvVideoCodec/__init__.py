@@ -1,5 +1,6 @@
 """A stand-in for PyNvVideoCodec (tests/test_nvdec.py): SimpleDecoder's calls qscore makes,
-decoding with PyAV and handing out NV12 surfaces with their pts as NVDEC does. A file whose name
+decoding with PyAV and handing out NV12 surfaces stamped as NVDEC stamps them (position p: the
+p-th smallest packet dts). A file whose name
 holds ``SimpleDecoder.fail`` raises; ``pts_shift`` makes the timestamps wrong. A package on disk,
 so spawned DataLoader workers import it too (they read the environment: ``QSCORE_FAKE_NVDEC_FAIL``)."""
 
@@ -42,8 +43,11 @@ class SimpleDecoder:
     def reconfigure_decoder(self, path: str) -> None:
         self.path = path
         with av.open(path) as c:
-            frames = [(f.pts, f.reformat(format="nv12").to_ndarray()) for f in c.decode(c.streams.video[0])]
-        self.frames = sorted(frames, key=lambda f: f[0])
+            stamps = sorted(p.dts for p in c.demux(c.streams.video[0]) if p.size)
+            c.seek(0)
+            frames = sorted(c.decode(c.streams.video[0]), key=lambda f: f.pts)
+        # as NVDEC's parser does: the decode timestamps handed out in display order
+        self.frames = [(t, f.reformat(format="nv12").to_ndarray()) for t, f in zip(stamps, frames)]
 
     def __len__(self) -> int:
         return len(self.frames)
