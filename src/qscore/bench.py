@@ -144,7 +144,8 @@ def bench(
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table, with the steady state: files / (timed loop - startup -
-    drain), the rate once every worker is decoding (spawned GPU-decoding workers start slower)."""
+    drain). Only meaningful when a run holds many chunks per worker: decoding done before the
+    first forward counts in startup."""
     head = "| model | inputs | decoder | files | batch | bare files/s | runner files/s | runner / bare | GPU busy | decode ms/file | startup s / drain s | steady files/s | peak MiB |"
     lines = [head, "|---" * 13 + "|"]
     for r in rows:
