@@ -183,7 +183,9 @@ class VideoReader:
 
     def _references(self, positions: list[int], size: tuple[int, int]) -> dict[int, Any]:
         """position -> frame for reference frames; a position that did not decode is left out."""
-        return self._pyav_decode(positions, size)[0]
+        got, corrupt = self._pyav_decode(positions, size)
+        self._note_corrupt(corrupt)
+        return got
 
     def _stack(self, frames: list[Any]) -> np.ndarray:
         return np.stack(frames)
@@ -220,10 +222,13 @@ class VideoReader:
         missing = sorted(set(idx) - set(got))
         if missing:
             self.warnings.append(f"frames {_span(missing)} could not be decoded; the nearest decoded frames stand in")
-        if corrupt:
-            self.warnings.append(f"frames {_span(corrupt)} decoded with errors (concealed by the decoder)")
+        self._note_corrupt(corrupt)
         have = sorted(got)
         return np.stack([got[i] if i in got else got[_nearest(have, i)] for i in idx])
+
+    def _note_corrupt(self, corrupt: list[int]) -> None:
+        if corrupt:
+            self.warnings.append(f"frames {_span(corrupt)} decoded with errors (concealed by the decoder)")
 
     def _pyav_decode(self, wanted: list[int], size: tuple[int, int]) -> tuple[dict[int, np.ndarray], list[int]]:
         """Decode the sorted positions ``wanted`` -> (position -> frame, positions decoded with
