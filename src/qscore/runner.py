@@ -365,7 +365,9 @@ class _Engine:
 
     def drive(self, todo: list[Item]) -> None:
         gpu = self.cfg.decoder == "gpu"
-        workers = self.cfg.workers if self.cfg.workers >= 0 else min(GPU_DECODE_WORKERS if gpu else 16, default_workers())
+        workers = self.cfg.workers if self.cfg.workers >= 0 else default_workers()
+        if gpu and self.cfg.workers < 0:
+            workers = min(workers, GPU_DECODE_WORKERS)
         # CUDA cannot be used in a forked child: GPU-decoding workers are spawned, and the model
         # (whose collate the fork inherits) stays here, so the main thread collates their chunks
         spawn = gpu and workers > 0
