@@ -6,6 +6,7 @@ import errno
 import os
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,7 +14,7 @@ from PIL import Image
 from qscore.media import image as image_mod, video as video_mod
 from qscore.media.image import load_image
 from qscore.media.sampling import framediff_indices, uniform_indices
-from qscore.media.video import open_video
+from qscore.media.video import open_video, plan_near
 from qscore.types import MediaError
 from tests.badmedia import (
     bomb_png,
@@ -196,8 +197,8 @@ def test_mp4_truncated_mid_stream_decodes_what_exists_and_warns(tmp_path):
         frames = reader.frames(uniform_indices(reader.n_frames, 8))
         facts = reader.facts()
     assert frames.shape == (8, 96, 128, 3) and frames.std() > 20
-    assert facts["decoder"] == "pyav" and 20 < facts["n_frames"] < 60  # decord fails at the cut
-    assert "the file holds" in facts["decode_warnings"] and "decord" in facts["decode_warnings"]
+    assert facts["decoder"] == "pyav" and 20 < facts["n_frames"] < 60
+    assert "the file holds" in facts["decode_warnings"]
 
 
 def test_broken_frames_are_reported_not_silently_duplicated(tmp_path):
@@ -218,25 +219,25 @@ def test_frames_touched_are_capped(tmp_path, monkeypatch):
     path = make_video(tmp_path / "v.mp4", n=30, gop=30)
     monkeypatch.setattr(video_mod, "MAX_FRAMES_TOUCHED", 10)
     with open_video(str(path)) as reader:
-        reader.decoder = "pyav"
         assert "touched more than 10" in error_of(lambda: reader.frames([25]))
 
 
 # ---- video: valid files --------------------------------------------------------------------
-def test_decord_and_pyav_agree_on_count_and_frames(tmp_path):
-    path = make_video(tmp_path / "v.mp4", n=30, size=(48, 64))
+def test_sparse_frames_equal_a_full_decode(tmp_path):
+    path = make_video(tmp_path / "v.mp4", n=30, size=(48, 64))  # x264 defaults: B-frames, some unreferenced
     with open_video(str(path)) as reader:
-        assert reader.decoder == "decord" and reader.n_frames == 30 and reader.codec == "h264"
+        assert reader.decoder == "pyav" and reader.n_frames == 30 and reader.codec == "h264"
         assert (reader.width, reader.height, reader.rotation) == (64, 48, 0)
         assert reader.fps == pytest.approx(30) and reader.duration_s == pytest.approx(1.0, abs=0.05)
+        assert not all(reader._index.refs)  # so skipping has something to skip
         idx = [29, 0, 14, 14, 7]
-        by_decord = reader.frames(idx)
-        reader.decoder = "pyav"
-        by_pyav = reader.frames(idx)
-        assert reader._packet_index().n_frames == 30
-    assert by_decord.shape == (5, 48, 64, 3)
-    assert np.abs(by_decord.astype(int) - by_pyav).mean() < 1.0
-    bar = by_pyav[:, 24, :, :].astype(int).sum(-1).argmax(1)  # the moving white bar: column 2i
+        sparse = reader.frames(idx)  # unwanted non-reference frames skipped
+        touched = reader._touched
+        reader._touched = 0
+        every = reader.frames(list(range(30)))
+        assert touched < reader._touched
+    assert sparse.shape == (5, 48, 64, 3) and np.array_equal(sparse, every[idx])
+    bar = sparse[:, 24, :, :].astype(int).sum(-1).argmax(1)  # the moving white bar: column 2i
     assert bar.tolist() == [58, 0, 28, 28, 14]
 
 
@@ -244,19 +245,50 @@ def test_frames_near_skips_non_reference_frames(tmp_path):
     path = make_video(tmp_path / "v.mp4", n=60, gop=60)  # x264 defaults: B-frames, some unreferenced
     idx = [0, 8, 17, 25, 34, 42, 51, 58, 59]  # the last ones: served without a second pass
     with open_video(str(path)) as reader:
-        reader.decoder = "pyav"  # so an exact fallback would count in _touched too
         near, used = reader.frames_near(idx, near=1)
         touched_near = reader._touched
     assert touched_near <= 60  # one forward pass
     assert all(abs(u - i) <= 1 for u, i in zip(used, idx)) and len(set(used)) == len(idx)
     with open_video(str(path)) as reader:
-        reader.decoder = "pyav"
         assert np.array_equal(near, reader.frames(used))  # the same pixels as an exact decode
         reader._touched = 0
         reader.frames(idx)
         assert touched_near < reader._touched  # fewer frames went through the decoder
         exact, same = reader.frames_near(idx, near=0)
         assert same == idx and np.array_equal(exact, reader.frames(idx))
+
+
+def test_plan_near_prefers_untaken_then_nearest_then_earlier():
+    refs = [True, False, True, False, False, False, True, True]
+    assert plan_near([1, 2, 4, 7], refs, 1) == {1: 0, 2: 2, 7: 7}  # 4: no reference within 1
+    assert plan_near([1, 3], refs, 1) == {1: 0, 3: 2}
+    assert plan_near([2, 3], refs, 1) == {2: 2, 3: 2}  # all taken: the taken one
+    assert plan_near([5, 6], refs, 1) == {5: 6, 6: 7}
+    assert plan_near([3], refs, 0) == {}
+
+
+@pytest.mark.parametrize("annexb", [False, True])
+def test_reference_flags_match_what_ffmpeg_skips(tmp_path, annexb):
+    """The packet index's reference flags (nal_ref_idc) are exactly the frames FFmpeg decodes
+    with skip_frame=NONREF, in MP4 (length-prefixed) and MPEG-TS (Annex B start codes)."""
+    path = make_video(tmp_path / "v.mp4", n=40, gop=20)
+    if annexb:  # the same stream in MPEG-TS, which carries it with start codes
+        raw = tmp_path / "v.ts"
+        with av.open(str(path)) as src, av.open(str(raw), "w", format="mpegts") as dst:
+            out = dst.add_stream_from_template(src.streams.video[0])
+            for packet in src.demux(src.streams.video[0]):
+                if packet.size:
+                    packet.stream = out
+                    dst.mux(packet)
+        path = raw
+    with open_video(str(path)) as reader:
+        refs = reader._index.refs
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            s.codec_context.skip_frame = "NONREF"
+            kept = sorted(reader._index.position(f.pts, -1) for f in c.decode(s))
+    assert refs is not None and 0 < sum(refs) < len(refs) == 40
+    assert [i for i, r in enumerate(refs) if r] == kept
 
 
 def test_mpeg4_reduced_size_and_max_side(tmp_path):
@@ -266,7 +298,7 @@ def test_mpeg4_reduced_size_and_max_side(tmp_path):
         assert reader.frames([3], size=(20, 30)).shape == (1, 20, 30, 3)
         facts = reader.facts()
     assert facts == {"width": 64, "height": 48, "n_frames": 12, "fps": 30.0, "duration_s": pytest.approx(0.4, abs=0.05),
-                     "decoder": "decord", "decode_warnings": None}
+                     "decoder": "pyav", "decode_warnings": None}
 
 
 def test_rotation_metadata_is_applied(tmp_path):
@@ -287,7 +319,7 @@ def test_rotation_metadata_is_applied(tmp_path):
 def test_non_utf8_video_name(tmp_path):
     path = make_video(tmp_path / os.fsdecode(b"clip\xfe.mp4"), n=6)
     with open_video(str(path)) as reader:
-        assert reader.decoder == "decord" and reader.frames([5]).shape == (1, 48, 64, 3)
+        assert reader.decoder == "pyav" and reader.frames([5]).shape == (1, 48, 64, 3)
 
 
 @pytest.mark.parametrize("slack", [0, 1])
@@ -308,7 +340,7 @@ def test_framediff_finds_the_cuts(tmp_path, slack):
 @pytest.mark.skipif(not (CLIPS / "bigbuckbunny.mp4").exists(), reason="shared clips not present")
 def test_real_clip():
     with open_video(str(CLIPS / "bigbuckbunny.mp4"), max_side=128) as reader:
-        assert reader.decoder == "decord" and (reader.width, reader.height) == (1280, 720)
+        assert reader.decoder == "pyav" and (reader.width, reader.height) == (1280, 720)
         frames = reader.frames(uniform_indices(reader.n_frames, 8))
         picks = framediff_indices(reader, 8, probe=32)
         facts = reader.facts()

@@ -1,3 +1,4 @@
 from qscore.cli import app
 
-app(prog_name="qscore")
+if __name__ == "__main__":  # not in spawned workers, which import this module too
+    app(prog_name="qscore")

@@ -43,6 +43,7 @@ Csv = Annotated[bool, typer.Option("--csv", help="Also write a CSV twin of the P
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Batch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Files per GPU batch (halved on CUDA out-of-memory).")]
 Workers = Annotated[int, typer.Option("--workers", "-j", help="CPU decode workers; -1 = one per core (max 16), 0 = in-process.")]
+Decoder = Annotated[str, typer.Option("--decoder", help="Video decoding: auto (NVDEC where PyNvVideoCodec and CUDA are there), cpu or gpu.")]
 Weights = Annotated[Optional[str], typer.Option("--weights", help="'random', a checkpoint from `qscore train` (.safetensors), or omit for the official weights in weights.toml.")]
 Registry_ = Annotated[Optional[str], typer.Option("--registry", help="weights.toml to use (default: $QSCORE_WEIGHTS, ./weights.toml, packaged).")]
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Model size preset, e.g. default or tiny (see `qscore models`).")]
@@ -99,7 +100,7 @@ def scoring_command(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def _run(task: str, paths: list[str] | None, model: str, batch_size: int, options: dict[str, Any],
-         pairs: str | None = None, **extra: Any) -> None:
+         pairs: str | None = None, decoder: str = "auto", **extra: Any) -> None:
     """Scoring: the options as a RunConfig, checked before torch is imported, then the runner."""
     o = options
     setup_logging(o["quiet"], o["verbose"])
@@ -111,7 +112,7 @@ def _run(task: str, paths: list[str] | None, model: str, batch_size: int, option
         weights=o["weights"], registry=o["registry_file"], device=o["device"], batch_size=batch_size,
         workers=o["workers"], exts=tuple(o["ext"] or ()) or None, pairs=pairs, force=o["force"], seed=o["seed"],
         max_files=o["max_files"], csv=o["csv"], save_npz=o["npz"], maps=o["maps"], quiet=o["quiet"], verbose=o["verbose"],
-        engine=o["engine"], ray_address=o["ray_address"],
+        engine=o["engine"], ray_address=o["ray_address"], decoder=decoder,
     )
     try:
         check(cfg)  # before torch is imported: a usage error comes at once
@@ -143,7 +144,7 @@ def image(
 @app.command(no_args_is_help=True)
 @scoring_command
 def video(
-    paths: Paths = None, model: Model = "clifvqa", batch_size: Batch = 8,
+    paths: Paths = None, model: Model = "clifvqa", batch_size: Batch = 8, decoder: Decoder = "auto",
     sampler: Annotated[Optional[str], typer.Option("--sampler", help="Frame sampler: uniform or framediff (models that sample frames).")] = None,
     *, options: dict[str, Any],
 ) -> None:
@@ -158,7 +159,7 @@ def video(
 
       qscore video ./clips --model qclip --sampler framediff --batch-size 16
     """
-    _run("video", paths, model, batch_size, options, sampler=sampler)
+    _run("video", paths, model, batch_size, options, decoder=decoder, sampler=sampler)
 
 
 @app.command(no_args_is_help=True)
@@ -226,19 +227,23 @@ def models() -> None:
 @app.command(no_args_is_help=True)
 def bench(
     model: Annotated[str, typer.Argument(help="Model name.")],
-    paths: Annotated[Optional[list[str]], typer.Argument(help="Inputs (default: synthetic, see --synthetic).", show_default=False)] = None,
-    synthetic: Annotated[str, typer.Option("--synthetic", help="image512, video720 or video1080 when no PATH is given.")] = "",
-    n: Annotated[int, typer.Option("--n", help="Number of synthetic files.")] = 32,
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Inputs, each file or folder one set of rows (default: synthetic, see --synthetic).", show_default=False)] = None,
+    synthetic: Annotated[str, typer.Option("--synthetic", help="image512, video720 or video1080 when no PATH is given; several: comma-separated (one set each).")] = "",
+    n: Annotated[int, typer.Option("--n", help="Number of synthetic files per set.")] = 32,
     device: Device = "auto", batch_size: Batch = 8, workers: Workers = -1, weights: Weights = "random",
     preset: Preset = None, sets: Set = None, repeats: Annotated[int, typer.Option("--repeats", help="Timed bare-forward batches.")] = 10,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="Files in the runner's untimed first pass (default: all, which fills caches such as RSFIQA's regions).", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
     maps: Maps = True,
+    decoder: Annotated[str, typer.Option("--decoder", help="Video decoding: auto, cpu or gpu; several: comma-separated (one row each).")] = "auto",
+    gop: Annotated[str, typer.Option("--gop", help="Frames between keyframes of synthetic videos (250: one per clip; 50: every 2 s); several: comma-separated.")] = "250",
 ) -> None:
     """Measure a model: bare forward on pre-decoded inputs vs the runner end to end.
 
     Reports files/s, peak GPU memory, GPU busy fraction, mean decode / stage (collate + copy) /
-    model ms per file, and the runner/bare ratio.
+    model ms per file, and the runner/bare ratio. Several PATHs, comma-separated --synthetic,
+    --gop and --decoder make one row each (input set x decoder), the model built once, and a
+    Markdown table too.
 
     Examples:
 
@@ -246,24 +251,31 @@ def bench(
 
       qscore bench rsfiqa ./photos --batch-size 16 --json rsfiqa.json
 
-      qscore bench ugdiml --synthetic image512 --n 480 --warmup 32
+      qscore bench mvqa --preset tiny --synthetic video720,video1080 --gop 50,250 --decoder cpu,gpu -b 16
     """
     import json
     import tempfile
 
-    from qscore.bench import bench as measure, synthesize, task_of
+    from qscore.bench import bench as measure, synthesize, table, task_of
 
     setup_logging(True, False)
     overrides = overrides_from(sets)
     with tempfile.TemporaryDirectory() as tmp:
-        if not paths:
-            kind = synthetic or {"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")
-            paths = synthesize(kind, n, Path(tmp) / "inputs")
-        cfg = RunConfig(task=task_of(model), model=model, inputs=list(paths), preset=preset, overrides=overrides,
+        if paths:
+            inputs = {p: [p] for p in paths}
+        else:
+            kinds = synthetic.split(",") if synthetic else [{"image": "image512", "forgery": "image512"}.get(task_of(model), "video720")]
+            gops = [int(g) for g in gop.split(",")]
+            inputs = {f"{k} gop {g}" if k.startswith("video") else k: synthesize(k, n, Path(tmp) / f"{k}-{g}", gop=g)
+                      for k in kinds for g in (gops if k.startswith("video") else [250])}
+        cfg = RunConfig(task=task_of(model), model=model, inputs=[], preset=preset, overrides=overrides,
                         weights=weights, device=device, batch_size=batch_size, workers=workers, maps=maps)
-        result = measure(cfg, list(paths), repeats, warmup)
+        rows = measure(cfg, inputs, decoder.split(","), repeats, warmup)
+    result = rows[0] if len(rows) == 1 else rows
     text = json.dumps(result, indent=2)
     typer.echo(text)
+    if len(rows) > 1:
+        typer.echo(table(rows))
     if json_out:
         json_out.write_text(text + "\n")
 

@@ -44,6 +44,7 @@ class RunConfig:
     device: str = "auto"
     batch_size: int = 8
     workers: int = -1  # -1: one per CPU core, at most 16
+    decoder: str = "auto"  # video decoding: auto (the GPU's where it can), cpu or gpu
     exts: tuple[str, ...] | None = None
     pairs: str | None = None  # CIML manifest
     force: bool = False

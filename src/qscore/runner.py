@@ -12,6 +12,7 @@ the forward is synchronous, so there is nothing to overlap: each batch is writte
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -44,7 +45,9 @@ from qscore.config import (  # noqa: F401 - callers take the run's vocabulary fr
 )
 from qscore.console import Progress
 from qscore.cpus import usable_cpus
+from qscore.media import video
 from qscore.media.discover import DiscoveryError, discover
+from qscore.media.video import pick_decoder
 from qscore.models.base import Model
 from qscore.sinks import (
     LockedError,
@@ -64,6 +67,9 @@ log = logging.getLogger("qscore")
 # heatmap overlay and its PNG: ~26 ms per image on one core): writer threads take batches side by side.
 WRITERS = min(4, usable_cpus())
 MAX_QUEUED = WRITERS + 1  # batches waiting for or in the writer threads
+# --workers -1 with the GPU decoder: NVDEC does the decoding (an H200 has 7 engines), a worker
+# only probes, indexes and samples, and each one holds a CUDA context
+GPU_DECODE_WORKERS = 8
 
 
 def default_workers() -> int:
@@ -84,7 +90,8 @@ class Failure:
 @dataclass
 class Chunk:
     """What a DataLoader worker hands over: failures, samples, and the samples already collated
-    (None when collating failed; the main thread then collates smaller groups itself)."""
+    (None when collating failed or the worker has no model to collate with: the main thread
+    then collates itself)."""
 
     failures: list[Failure]
     samples: list[Sample]
@@ -94,7 +101,7 @@ class Chunk:
     def make(collate: Callable[[list[Sample]], dict[str, torch.Tensor]], chunk: list) -> "Chunk":
         samples = [s for s in chunk if isinstance(s, Sample)]
         try:
-            batch = collate(samples) if samples else None
+            batch = collate(samples) if samples and collate else None
         except Exception:  # noqa: BLE001 - retried per group in the main thread
             batch = None
         return Chunk([f for f in chunk if isinstance(f, Failure)], samples, batch)
@@ -127,6 +134,7 @@ class Prepared(Dataset):
         except Exception as e:  # noqa: BLE001 - every failure becomes a row
             return Failure(item, describe(e), (time.perf_counter() - t0) * 1e3)
         sample.facts.setdefault("decode_ms", (time.perf_counter() - t0) * 1e3)
+        sample.inputs = {k: v.cpu() for k, v in sample.inputs.items()}  # GPU-decoded: leaves the worker on the CPU
         return sample
 
 
@@ -140,15 +148,17 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0] if msg else 'no message'}"
 
 
-def run(cfg: RunConfig) -> int:
-    """Score every input; returns the exit code (0 ok, 1 some files failed, 2 usage error)."""
+def run(cfg: RunConfig, built: tuple[Model, str, str] | None = None) -> int:
+    """Score every input; returns the exit code (0 ok, 1 some files failed, 2 usage error).
+    ``built``: the planned model already built, to use instead of building (``qscore bench``'s rows)."""
     started = time.time()
     try:
         check(cfg)
         device = torch.device("cpu") if cfg.engine == "ray" else pick_device(cfg.device)  # ray: the actors pick theirs
+        cfg = dataclasses.replace(cfg, decoder=pick_decoder(cfg.decoder, device.type) if cfg.task == "video" else "cpu")
         plan = plan_run(cfg)
         items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=plan.needs_reference, pairs=cfg.pairs)
-        model, weights_id, head = plan.build(device, cfg.seed, maps=cfg.maps or cfg.save_npz)
+        model, weights_id, head = built or plan.build(device, cfg.seed, maps=cfg.maps or cfg.save_npz)
     except (UsageError, DiscoveryError) as e:
         log.error("qscore: %s", e)
         return EXIT_USAGE
@@ -173,6 +183,7 @@ def run(cfg: RunConfig) -> int:
         "config_hash": model.config_hash(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "decoder": cfg.decoder,
         **stats,  # the Ray executor's stats name its own devices
         "rows_in_table": 0 if table is None else table.num_rows,
         "table": str(sink.table_path),
@@ -253,7 +264,7 @@ def _executor(cfg: RunConfig, plan: ModelPlan, model: Model, device: torch.devic
         from qscore.ray_engine import RayEngine
 
         return RayEngine(cfg, plan, model.preparer(), rows)
-    return Engine(model, device, cfg.batch_size, cfg.workers, rows)
+    return Engine(model, device, cfg.batch_size, cfg.workers, rows, cfg.decoder)
 
 
 def precompute(model: Model, batch: dict[str, torch.Tensor], cache: ArrayCache | None) -> None:
@@ -292,10 +303,13 @@ class Engine:
     writer thread with one batch's results, several batches side by side), so scoring (rows,
     artefacts, Parquet parts) and evaluation (metrics against labels) share this one loop."""
 
-    def __init__(self, model: Model, device: torch.device, batch_size: int, workers: int, emit: Callable[[list[Result]], None]):
-        self.model, self.device, self.emit = model, device, emit
+    def __init__(self, model: Model, device: torch.device, batch_size: int, workers: int,
+                 emit: Callable[[list[Result]], None], decoder: str = "cpu"):
+        self.model, self.device, self.emit, self.decoder = model, device, emit, decoder
         self.batch_size = max(1, batch_size)
         self.workers = workers if workers >= 0 else default_workers()
+        if decoder == "gpu" and workers < 0:
+            self.workers = min(self.workers, GPU_DECODE_WORKERS)  # NVDEC decodes; each worker holds a CUDA context
         self.autocast = device.type == "cuda"
         self.cache = model.cache()
         self.totals = {"model_ms": 0.0, "decode_ms": 0.0, "stage_ms": 0.0}  # summed over files
@@ -305,17 +319,27 @@ class Engine:
         self._queued: deque[Future] = deque()
 
     def drive(self, todo: Sequence[Item]) -> None:
-        """Prepare ``todo`` in DataLoader workers and score it (the local executor)."""
+        """Prepare ``todo`` in DataLoader workers and score it (the local executor). CUDA cannot
+        be used in a forked child: GPU-decoding workers are spawned, and the model (whose collate
+        the fork inherits) stays here, so the main thread collates their chunks."""
+        spawn = self.decoder == "gpu" and self.workers > 0
+        decoding = functools.partial(video.configure, self.decoder, max(1, usable_cpus() // max(self.workers, 1)))
         loader = DataLoader(
             Prepared(todo, self.model.preparer()),
             batch_size=chunk_size(len(todo), self.batch_size, self.workers),
             num_workers=self.workers,
-            collate_fn=functools.partial(Chunk.make, self.model.collate),
+            collate_fn=functools.partial(Chunk.make, None if spawn else self.model.collate),
             pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if self.workers else None,  # 2 batches per worker: bounded host memory
             persistent_workers=False,
+            worker_init_fn=decoding,
+            multiprocessing_context="spawn" if spawn else None,
         )
-        self.consume(loader)
+        before = decoding()  # this process decodes too where workers == 0
+        try:
+            self.consume(loader)
+        finally:
+            video.configure(before.decoder, before.threads)
         self.flush()
 
     def consume(self, chunks: Iterable[Chunk]) -> None:

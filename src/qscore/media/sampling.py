@@ -51,9 +51,9 @@ def framediff_indices(reader, n: int, probe: int = 64, size: tuple[int, int] = (
         return uniform_indices(n_frames, n)
     probes = uniform_indices(n_frames, min(n_frames, max(probe, n)))  # distinct positions
     small, probes = reader.frames_near(probes, size=size, near=slack)  # probes: the frames served
-    grey = to_tensor(small) * torch.tensor(LUMA).view(1, 3, 1, 1)
-    grey = grey.sum(1)  # (m, h, w)
-    change = torch.cat([torch.zeros(1), (grey[1:] - grey[:-1]).abs().mean((1, 2))])
+    x = to_tensor(small)  # on the decoder's device
+    grey = (x * torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1)).sum(1)  # (m, h, w)
+    change = torch.cat([torch.zeros(1), (grey[1:] - grey[:-1]).abs().mean((1, 2)).cpu()])
     segments = np.array_split(np.arange(len(probes)), n)
     return [probes[int(seg[int(torch.argmax(change[seg]))])] for seg in segments]
 
@@ -73,17 +73,31 @@ def select_frames(reader, n: int, sampler: str = "uniform", slack: int = 0) -> l
 
 
 # ---- tensors ------------------------------------------------------------------------------
-def to_tensor(frames: np.ndarray) -> torch.Tensor:
+def to_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float (T, 3, H, W) in [0, 1]; a single (H, W, 3) image -> (3, H, W)."""
     return channels_first(frames).float().div_(255.0).contiguous()
 
 
-def channels_first(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> uint8 (T, 3, H, W) (a single image: (3, H, W)) as a view, no copy.
-    The samplers below take it as it is: fragments are indexing, and antialiased resizing of
-    uint8 in this (channels-last) layout is ~15x faster on the CPU than of a float copy."""
-    x = torch.from_numpy(np.require(frames, requirements=("C", "W")))
+def channels_first(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> uint8 (T, 3, H, W) (a single image: (3, H, W)) as a view, no copy;
+    an array, or a tensor (the GPU decoder's, on the device). The samplers below take it as it
+    is: fragments are indexing, and antialiased resizing of uint8 in this (channels-last)
+    layout is ~15x faster on the CPU than of a float copy."""
+    x = frames if torch.is_tensor(frames) else torch.from_numpy(np.require(frames, requirements=("C", "W")))
     return x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(2, 0, 1)
+
+
+def to_numpy(frames: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An array of the frames, wherever they were decoded (the GPU decoder gives tensors)."""
+    return frames.cpu().numpy() if torch.is_tensor(frames) else frames
+
+
+def _interpolate(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
+    """Bilinear F.interpolate of (N, 3, H, W) keeping the dtype; uint8 off the CPU (which
+    CUDA's kernels do not take) goes through float and is rounded back."""
+    if x.dtype == torch.uint8 and x.device.type != "cpu":
+        return _interpolate(x.float(), size, antialias).round_().clamp_(0, 255).to(torch.uint8)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def squash_resize(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
@@ -93,7 +107,7 @@ def squash_resize(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == hw:
         return x
     lead = x.shape[:-3]
-    y = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=hw, mode="bilinear", align_corners=False, antialias=True)
+    y = _interpolate(x.reshape(-1, *x.shape[-3:]), hw, antialias=True)
     return y.reshape(*lead, *y.shape[-3:])
 
 
@@ -111,7 +125,7 @@ def _cover(x: torch.Tensor, side: int) -> torch.Tensor:
         return x
     s = side / min(h, w)
     hw = (max(side, math.ceil(h * s - 1e-6)), max(side, math.ceil(w * s - 1e-6)))
-    return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+    return _interpolate(x, hw, antialias=False)
 
 
 # ---- spatial samplers -----------------------------------------------------------------------
@@ -139,7 +153,8 @@ def fragments(
         left = xs[:-1].view(1, grid) + (u[1] * (xs[1:] - xs[:-1] - patch + 1).view(1, grid)).long()
         rows = (top.view(grid, 1, grid, 1) + within.view(1, patch, 1, 1)).expand(grid, patch, grid, patch)
         cols = (left.view(grid, 1, grid, 1) + within.view(1, 1, 1, patch)).expand(grid, patch, grid, patch)
-        pieces.append(x[g0 : g0 + group][:, :, rows.reshape(out, out), cols.reshape(out, out)])
+        rows, cols = rows.reshape(out, out).to(x.device), cols.reshape(out, out).to(x.device)
+        pieces.append(x[g0 : g0 + group][:, :, rows, cols])
     return torch.cat(pieces)
 
 

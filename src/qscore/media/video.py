@@ -1,40 +1,88 @@
-"""Video decoding: decord first (fast, what reference implementations use), PyAV as the fallback
-that also reports exactly which frames are broken.
+"""Video decoding on the CPU with PyAV (FFmpeg), or on NVIDIA's hardware decoder where asked
+(``configure(decoder="gpu")``, see ``qscore.media.nvdec``).
 
-PyAV always probes the file first (streams, codec, rotation), which gives clear errors for text,
-audio-only and unreadable files. decord then decodes, with a fault tolerance so small that any
-frame it would have to duplicate makes it raise instead; the reader then switches to PyAV, which
-decodes what exists and says in ``warnings`` which frames were missing or concealed.
+PyAV probes the file first (streams, codec, rotation) and indexes its packets by demuxing
+(frame count, keyframes, which frames are references), which gives clear errors for text,
+audio-only and unreadable files and the same frame positions whatever decoder then runs. It
+decodes only what a request needs: from the keyframe before each wanted frame, skipping the
+non-reference frames that are not wanted (no frame depends on them, so the wanted ones come
+out bit-identical), and says in ``warnings`` which frames were missing or concealed. decord,
+used before, decoded every frame between keyframe and target (slower for every sampler here,
+docs/benchmarks.md), duplicated frames on damaged streams unless told not to, and failed on
+rotated ones.
 """
 
 from __future__ import annotations
 
 import bisect
-import os
 import re
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from qscore.media.image import looks_like_text, open_file
-from qscore.types import MediaError
+from qscore.types import MediaError, UsageError
 
-DECORD_FAULT_TOL = "0.000001"  # a ratio: one recovered (duplicated) frame already exceeds it
 MAX_FRAMES_PER_CALL = 1024  # frames one ``frames()`` call may return
 MAX_FRAMES_TOUCHED = 20_000  # frames PyAV may decode per file (seeks land on keyframes)
 
 
-def open_video(path: str, *, max_side: int | None = None, threads: int = 1) -> VideoReader:
+@dataclass
+class DecodeSettings:
+    """How this process decodes: ``decoder`` "cpu" (PyAV) or "gpu" (NVDEC), and the threads
+    one CPU decoder may use (the runner gives each worker its share of the cores)."""
+
+    decoder: str = "cpu"
+    threads: int = 1
+
+
+SETTINGS = DecodeSettings()
+
+
+def configure(decoder: str, threads: int, worker_id: int | None = None) -> DecodeSettings:
+    """Set this process's decoding and return the settings it replaces. Also the runner's
+    DataLoader ``worker_init_fn`` (through functools.partial; ``worker_id`` is unused): spawned
+    workers do not inherit the parent's module state."""
+    if decoder not in ("cpu", "gpu"):
+        raise ValueError(f"decoder must be cpu or gpu here, got {decoder!r}")
+    before = DecodeSettings(SETTINGS.decoder, SETTINGS.threads)
+    SETTINGS.decoder, SETTINGS.threads = decoder, max(1, int(threads))
+    return before
+
+
+def pick_decoder(choice: str, device_type: str) -> str:
+    """``--decoder`` auto | cpu | gpu -> "cpu" or "gpu": auto takes NVDEC where PyNvVideoCodec
+    is installed and the run is on CUDA. Raises UsageError for gpu where that is missing."""
+    from qscore.media import nvdec
+
+    if choice not in ("auto", "cpu", "gpu"):
+        raise UsageError(f"--decoder must be auto, cpu or gpu, got {choice!r}")
+    usable = choice != "cpu" and device_type == "cuda" and nvdec.available()
+    if choice == "gpu" and not usable:
+        raise UsageError("--decoder gpu needs a CUDA device and PyNvVideoCodec (pip install 'qscore[nvdec]')")
+    return "gpu" if usable else "cpu"
+
+
+def open_video(path: str, *, max_side: int | None = None, threads: int | None = None) -> VideoReader:
     """Open ``path`` for frame access; raises MediaError for anything that is not a decodable
-    video. ``max_side`` caps the longer side of frames returned without an explicit size."""
+    video. ``max_side`` caps the longer side of frames returned without an explicit size. With
+    the GPU decoder configured, frames come back as CUDA uint8 tensors instead of arrays."""
+    threads = threads or SETTINGS.threads
+    if SETTINGS.decoder == "gpu":
+        from qscore.media.nvdec import NvdecReader
+
+        return NvdecReader(path, max_side=max_side, threads=threads)
     return VideoReader(path, max_side=max_side, threads=threads)
 
 
 class VideoReader:
     """One open video. ``width``/``height`` are the displayed size (after rotation); ``rotation``
     is counter-clockwise degrees from the display matrix; ``decoder`` is the backend that served
-    the frames ("decord" or "pyav"); ``warnings`` collects decode problems for the row."""
+    the frames ("pyav", or "nvdec" on the GPU); ``warnings`` collects decode problems for the row.
+    ``threads`` > 1 lets one decoder use that many cores (frame threads)."""
 
     def __init__(self, path: str, *, max_side: int | None = None, threads: int = 1):
         self.path = path
@@ -44,15 +92,13 @@ class VideoReader:
         self._file = open_file(path)  # clear errors for missing / unreadable / empty files
         try:
             self._probe(self._file.read(512))
-            self._decord: dict[tuple[int, int], Any] = {}
-            self._index: _PacketIndex | None = None
             self._touched = 0
-            # decord 0.6 returns 4-channel or mis-sized frames for rotated videos: PyAV serves them
-            self.decoder = "pyav" if self.rotation else self._try_decord()
-            if self.decoder == "pyav":
-                self.n_frames = self._packet_index().n_frames
+            self._reformatter = VideoReformatter()  # one scaler context for all frames: 4x cheaper
+            self._index = _PacketIndex.build(self._container, self._stream, self.warnings)
+            self.n_frames = self._index.n_frames
             if self.n_frames < 1:
                 raise MediaError("video stream holds no frames")
+            self.decoder = "pyav"
         except BaseException:
             self.close()
             raise
@@ -73,7 +119,10 @@ class VideoReader:
             raise MediaError(f"no video stream (the file has only {kinds})")
         self._stream = stream = streams.video[0]
         ctx = stream.codec_context
+        ctx.thread_count = self.threads
+        ctx.thread_type = "AUTO" if self.threads > 1 else "SLICE"
         self.codec = ctx.name
+        self.pix_fmt = ctx.pix_fmt
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         self.fps = float(rate) if rate else 0.0
         if stream.duration and stream.time_base:
@@ -85,7 +134,6 @@ class VideoReader:
         if not w or not h:
             raise MediaError("video stream has no frame size (corrupt header)")
         self.width, self.height = (h, w) if self.rotation in (90, 270) else (w, h)
-        self.n_frames = stream.frames  # refined by the decoder that serves the file
 
     def _first_frame_rotation(self) -> int:
         """Rotation from the display matrix, which PyAV exposes on decoded frames."""
@@ -96,39 +144,7 @@ class VideoReader:
             return 0
         return rotation if rotation in (90, 180, 270) else 0
 
-    def _try_decord(self) -> str:
-        """Open decord at the default output size; "pyav" when decord cannot serve this file."""
-        try:
-            vr = self._decord_at(self._output_size(None))
-        except MediaError as e:
-            self.warnings.append(str(e))
-            return "pyav"
-        self.n_frames = len(vr)
-        return "decord"
-
-    def _decord_at(self, size: tuple[int, int]) -> Any:
-        """A decord reader that decodes straight to ``size`` (h, w); one per size."""
-        if size not in self._decord:
-            try:
-                import decord
-            except ImportError as e:
-                raise MediaError("decord is not installed; decoded with PyAV") from e
-
-            uri = _ascii_safe_path(self.path, self._file.fileno())
-            if uri is None:
-                raise MediaError("decord cannot open this file name; decoded with PyAV")
-            try:
-                self._decord[size] = decord.VideoReader(
-                    uri, ctx=decord.cpu(0), width=size[1], height=size[0],
-                    num_threads=self.threads, fault_tol=DECORD_FAULT_TOL,
-                )
-            except Exception as e:  # DECORDError, RuntimeError, AssertionError on bad counts
-                raise MediaError(f"decord could not open the file ({_first_line(e)}); decoded with PyAV") from e
-        return self._decord[size]
-
     def _packet_index(self) -> _PacketIndex:
-        if self._index is None:
-            self._index = _PacketIndex.build(self._container, self._stream, self.warnings)
         return self._index
 
     # ---- frames ------------------------------------------------------------------------------
@@ -136,74 +152,48 @@ class VideoReader:
         """Frames at ``indices`` (any order, repeats allowed) as uint8 (T, H, W, 3), displayed
         orientation. ``size=(h, w)`` makes the decoder scale while decoding (no aspect keeping);
         without it frames come at the native size capped by ``max_side``."""
-        idx = self._checked(indices)
-        out_size = self._output_size(size)
-        if self.decoder == "decord":
-            try:
-                return self._decord_frames(idx, out_size)
-            except MediaError as e:
-                self.warnings.append(str(e))
-                self.decoder = "pyav"
-        return self._pyav_frames(idx, out_size)
+        return self._exact(self._checked(indices), self._output_size(size))
+
+    def _exact(self, idx: list[int], size: tuple[int, int]) -> np.ndarray:
+        """uint8 (T, h, w, 3) at exactly the positions ``idx``."""
+        return self._pyav_frames(idx, size)
 
     def frames_near(self, indices: Sequence[int], size: tuple[int, int] | None = None, near: int = 1) -> tuple[np.ndarray, list[int]]:
         """Like ``frames``, but each frame may come from the nearest *reference* frame at most
-        ``near`` positions away, so the decoder skips the frames no other frame refers to (the
-        non-reference B-frames of most web encodes: half of x264 veryfast's frames, half the
-        decode time). Deterministic for a file. Returns (uint8 (T, H, W, 3), positions served);
-        a request with no reference frame that close is decoded exactly. ``near=0``: ``frames``."""
+        ``near`` positions away (``plan_near``), so the decoder skips the frames no other frame
+        refers to (the non-reference B-frames of most web encodes: half of x264 veryfast's
+        frames, half the decode time). The positions come from the packet index alone, so every
+        decoder serves the same ones. Returns (uint8 (T, H, W, 3), positions served); a request
+        with no reference frame that close, or in a codec whose references are not known
+        (only H.264's are read), is decoded exactly. ``near=0``: ``frames``."""
         idx = self._checked(indices)
-        if near <= 0:
+        if near <= 0 or self._index.refs is None:
             return self.frames(idx, size), idx
         out_size = self._output_size(size)
-        ctx = self._stream.codec_context
-        ctx.skip_frame = "NONREF"
-        try:
-            served = self._pyav_near(sorted(set(idx)), out_size, near)
-        finally:
-            ctx.skip_frame = "DEFAULT"
-        exact = sorted(set(idx) - set(served))
+        plan = plan_near(sorted(set(idx)), self._index.refs, near)
+        served = sorted(set(plan.values()))
+        got = self._references(served, out_size)
+        missing = [t for t in plan if plan[t] not in got]  # damaged: decode those exactly
+        exact = sorted(set(idx) - set(plan) | set(missing))
         if exact:
-            for i, frame in zip(exact, self.frames(exact, size)):
-                served[i] = (i, frame)
-        self.decoder = "pyav"
-        return np.stack([served[i][1] for i in idx]), [served[i][0] for i in idx]
+            got.update(zip(exact, self._exact(exact, out_size)))
+            plan.update({t: t for t in exact})
+        used = [plan[i] for i in idx]
+        return self._stack([got[p] for p in used]), used
 
-    def _pyav_near(self, targets: list[int], size: tuple[int, int], near: int) -> dict[int, tuple[int, np.ndarray]]:
-        """target -> (position, frame) for the targets that have a decoded frame within ``near``.
-        Decodes forward, seeking to a keyframe only when it is ahead of the decoder."""
-        index = self._packet_index()
-        stored = (size[1], size[0]) if self.rotation in (90, 270) else size
-        recent: dict[int, av.VideoFrame] = {}  # decoded frames that a later target may still use
-        served: dict[int, tuple[int, np.ndarray]] = {}
-        decoded: Iterator[tuple[int, av.VideoFrame]] | None = None
-        pos, ended = -1, False  # ended: the stream is exhausted (later targets use what is left)
-        for t in targets:
-            lo, hi = t - near, t + near
-            recent = {i: f for i, f in recent.items() if i >= lo}
-            key = index.keyframe_before(max(lo, 0))
-            if not ended and (decoded is None or key > pos):
-                decoded, recent = self._decode_from(index, key), {}
-            while not ended and pos < hi and t not in recent:
-                step = next(decoded, None)
-                if step is None:
-                    ended = True
-                    break
-                pos, frame = step
-                if pos >= lo:
-                    recent[pos] = frame
-            if recent:  # nearest, preferring a frame no earlier target took; ties: the earlier one
-                taken = {p for p, _ in served.values()}
-                best = min(recent, key=lambda i: (i in taken, abs(i - t), i))
-                if abs(best - t) <= near:
-                    served[t] = (best, self._rgb(recent[best], stored))
-                    if recent[best].is_corrupt:
-                        self.warnings.append(f"frame {best} decoded with errors (concealed by the decoder)")
-        return served
+    def _references(self, positions: list[int], size: tuple[int, int]) -> dict[int, Any]:
+        """position -> frame for reference frames; a position that did not decode is left out."""
+        got, corrupt = self._pyav_decode(positions, size)
+        self._note_corrupt(corrupt)
+        return got
+
+    def _stack(self, frames: list[Any]) -> np.ndarray:
+        return np.stack(frames)
 
     def _rgb(self, frame: av.VideoFrame, stored: tuple[int, int]) -> np.ndarray:
         """A decoded frame at the decoder's (h, w) ``stored``, turned to its displayed orientation."""
-        return np.rot90(frame.to_ndarray(width=stored[1], height=stored[0], format="rgb24"), self.rotation // 90)
+        rgb = self._reformatter.reformat(frame, width=stored[1], height=stored[0], format="rgb24")
+        return np.rot90(rgb.to_ndarray(), self.rotation // 90)
 
     def _checked(self, indices: Sequence[int]) -> list[int]:
         idx = [int(i) for i in indices]
@@ -225,55 +215,58 @@ class VideoReader:
             return max(1, round(h * s)), max(1, round(w * s))
         return h, w
 
-    def _decord_frames(self, idx: list[int], size: tuple[int, int]) -> np.ndarray:
-        try:
-            batch = self._decord_at(size).get_batch(idx).asnumpy()
-        except MediaError:
-            raise
-        except Exception as e:  # DECORDError, DECORDLimitReachedError (frames it would duplicate)
-            raise MediaError(f"decord failed ({_first_line(e)}); decoded with PyAV") from e
-        if batch.shape != (len(idx), size[0], size[1], 3):
-            raise MediaError(f"decord returned frames of shape {batch.shape[1:]}; decoded with PyAV")
-        return batch
-
     def _pyav_frames(self, idx: list[int], size: tuple[int, int]) -> np.ndarray:
-        index = self._packet_index()
-        wanted = set(i for i in idx if i < index.n_frames)
+        got, corrupt = self._pyav_decode(sorted(set(idx)), size)
+        if not got:
+            raise MediaError("no frame of the video could be decoded")
+        missing = sorted(set(idx) - set(got))
+        if missing:
+            self.warnings.append(f"frames {_span(missing)} could not be decoded; the nearest decoded frames stand in")
+        self._note_corrupt(corrupt)
+        have = sorted(got)
+        return np.stack([got[i] if i in got else got[_nearest(have, i)] for i in idx])
+
+    def _note_corrupt(self, corrupt: list[int]) -> None:
+        if corrupt:
+            self.warnings.append(f"frames {_span(corrupt)} decoded with errors (concealed by the decoder)")
+
+    def _pyav_decode(self, wanted: list[int], size: tuple[int, int]) -> tuple[dict[int, np.ndarray], list[int]]:
+        """Decode the sorted positions ``wanted`` -> (position -> frame, positions decoded with
+        errors). Decodes forward, seeking to a keyframe only when it is ahead of the decoder, and
+        skips the non-reference frames that are not wanted: no other frame depends on them, so
+        the wanted ones come out the same, at a fraction of the work."""
+        index = self._index
+        want = set(wanted)
         got: dict[int, np.ndarray] = {}
         corrupt: list[int] = []
         stored = (size[1], size[0]) if self.rotation in (90, 270) else size  # decoder's (h, w)
         decoded: Iterator[tuple[int, av.VideoFrame]] | None = None
         pos = -1  # index of the last frame decoded, -1 before any
-        for target in sorted(wanted):
+        for target in wanted:
             if target in got:
                 continue
             key = index.keyframe_before(target)
             if decoded is None or target <= pos or key > pos:
-                decoded = self._decode_from(index, key)
+                decoded = self._decode_from(index, key, {index.pts[i] for i in wanted})
             for i, frame in decoded:
                 pos = i
-                if i in wanted and i not in got:
+                if i in want and i not in got:
                     got[i] = self._rgb(frame, stored)
                     corrupt += [i] if frame.is_corrupt else []
                 if i >= target:
                     break
             else:
                 decoded, pos = None, -1
-        if not got:
-            raise MediaError("no frame of the video could be decoded")
-        missing = sorted(set(idx) - set(got))
-        if missing:
-            self.warnings.append(f"frames {_span(missing)} could not be decoded; the nearest decoded frames stand in")
-        if corrupt:
-            self.warnings.append(f"frames {_span(corrupt)} decoded with errors (concealed by the decoder)")
-        have = sorted(got)
-        return np.stack([got[i] if i in got else got[_nearest(have, i)] for i in idx])
+        return got, corrupt
 
-    def _decode_from(self, index: _PacketIndex, key: int) -> Iterator[tuple[int, av.VideoFrame]]:
+    def _decode_from(self, index: _PacketIndex, key: int, keep: set[int]) -> Iterator[tuple[int, av.VideoFrame]]:
         """Seek to the keyframe at position ``key`` and yield (position, frame) onwards; packets
-        that fail to decode are skipped (their frames then show up as missing)."""
+        that fail to decode are skipped (their frames then show up as missing). Packets whose pts
+        is not in ``keep`` go through FFmpeg's skip_frame=NONREF: a non-reference frame among
+        them is not decoded (FFmpeg reads the setting per packet, frame threads included)."""
         self._container.seek(index.pts[key], stream=self._stream, backward=True, any_frame=False)
         packets = self._container.demux(self._stream)
+        ctx = self._stream.codec_context
         pos = key - 1
         while True:
             try:
@@ -282,6 +275,7 @@ class VideoReader:
                 return
             except av.error.FFmpegError:  # damaged container (e.g. truncated mid-stream)
                 return
+            ctx.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in keep else "NONREF"
             try:
                 frames = packet.decode()
             except av.error.FFmpegError:
@@ -308,7 +302,6 @@ class VideoReader:
         }
 
     def close(self) -> None:
-        self._decord = {}
         container = getattr(self, "_container", None)
         if container is not None:
             container.close()
@@ -321,20 +314,43 @@ class VideoReader:
         self.close()
 
 
-class _PacketIndex:
-    """Presentation order of the video packets: frame position <-> pts, and keyframe positions.
-    Built by demuxing (no decoding), like decord's own index, so counts are exact."""
+def plan_near(targets: list[int], refs: Sequence[bool], near: int) -> dict[int, int]:
+    """target -> the reference frame that serves it: for each target in ascending order, the
+    reference position within ``near`` that no earlier target took, nearest first, the earlier
+    on a tie (a taken one when all are taken). Targets with no reference that close are left
+    out (decoded exactly). A pure function of the packet index: the same on every decoder."""
+    served: dict[int, int] = {}
+    taken: set[int] = set()
+    for t in targets:
+        options = [p for p in range(max(0, t - near), min(len(refs), t + near + 1)) if refs[p]]
+        if options:
+            served[t] = best = min(options, key=lambda p: (p in taken, abs(p - t), p))
+            taken.add(best)
+    return served
 
-    def __init__(self, pts: list[int], keys: list[int]):
+
+class _PacketIndex:
+    """Presentation order of the video packets: frame position <-> pts, keyframe positions, and
+    (H.264) which positions are reference frames. Built by demuxing (no decoding), so counts are
+    exact."""
+
+    def __init__(self, pts: list[int], keys: list[int], refs: dict[int, bool] | None = None, dts: list | None = None):
         self.pts = sorted(pts)
+        # NVDEC stamps the frame at position p with the p-th decode timestamp (the parser hands
+        # packet timestamps out in display order): the key to check its frames by
+        self.dts = sorted(dts) if dts and None not in dts and len(dts) == len(pts) else None
         self._position = {p: i for i, p in enumerate(self.pts)}
         self.keys = sorted({self._position[k] for k in keys}) or [0]
         self.n_frames = len(self.pts)
+        self.refs = [refs.get(p, True) for p in self.pts] if refs is not None else None
 
     @classmethod
     def build(cls, container: Any, stream: Any, warnings: list[str]) -> _PacketIndex:
         pts: list[int] = []
+        dts: list[int | None] = []
         keys: list[int] = []
+        is_ref = _reference_test(stream.codec_context)
+        refs: dict[int, bool] | None = {} if is_ref else None
         container.seek(0, stream=stream, backward=True, any_frame=True)
         try:
             for packet in container.demux(stream):
@@ -343,13 +359,16 @@ class _PacketIndex:
                 p = packet.pts if packet.pts is not None else packet.dts
                 p = p if p is not None else len(pts)
                 pts.append(p)
+                dts.append(packet.dts)
                 if packet.is_keyframe:
                     keys.append(p)
+                if refs is not None:
+                    refs[p] = is_ref(memoryview(packet))
         except av.error.FFmpegError as e:
             warnings.append(f"container damaged after {len(pts)} frames ({_av_reason(e)})")
         if stream.frames and stream.frames > len(pts):
             warnings.append(f"the header promises {stream.frames} frames but the file holds {len(pts)} (truncated?)")
-        return cls(pts, keys)
+        return cls(pts, keys, refs, dts)
 
     def keyframe_before(self, position: int) -> int:
         return self.keys[max(0, bisect.bisect_right(self.keys, position) - 1)]
@@ -358,25 +377,39 @@ class _PacketIndex:
         return self._position.get(pts, default) if pts is not None else default
 
 
-def _ascii_safe_path(path: str, fd: int) -> str | None:
-    """decord only takes UTF-8 paths: undecodable names go through the open descriptor."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        proc = f"/proc/self/fd/{fd}"
-        return proc if os.path.exists(proc) else None
+def _reference_test(ctx: Any) -> Any:
+    """For H.264, a test ``packet bytes -> bool``: does the packet hold a reference picture
+    (its first slice's nal_ref_idc is not 0: what FFmpeg's skip_frame=NONREF keeps). None for
+    other codecs. Reads length-prefixed (MP4/MKV, avcC extradata) and Annex B (start code)
+    streams."""
+    if ctx.name != "h264":
+        return None
+    extra = ctx.extradata or b""
+    prefix = (extra[4] & 3) + 1 if len(extra) > 4 and extra[0] == 1 else 0  # 0: Annex B
+
+    def nal_headers(data: memoryview) -> Iterator[int]:
+        if prefix:
+            at = 0
+            while at + prefix < len(data):
+                yield data[at + prefix]
+                at += prefix + int.from_bytes(data[at : at + prefix], "big")
+        else:
+            raw = bytes(data[:4096])  # the slice header follows the parameter sets and SEI
+            for m in re.finditer(b"\x00\x00\x01", raw):
+                if m.end() < len(raw):
+                    yield raw[m.end()]
+
+    def is_ref(data: memoryview) -> bool:
+        for header in nal_headers(data):
+            if 1 <= header & 0x1F <= 5:  # a coded slice (5: IDR)
+                return bool(header & 0x60)
+        return True  # no slice found: keep it, so nothing is planned on a frame that is not there
+
+    return is_ref
 
 
 def _av_reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or str(e)
-
-
-def _first_line(e: Exception) -> str:
-    """decord's message without its '[hh:mm:ss] /source/file.cc:123: ' prefixes."""
-    lines = str(e).strip().splitlines()
-    text = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", lines[0]) if lines else type(e).__name__
-    return text[:160]
 
 
 def _nearest(sorted_have: list[int], i: int) -> int:

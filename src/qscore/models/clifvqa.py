@@ -125,7 +125,7 @@ class CLiFVQAPrepare:
             inputs["frames"] = sampling.squash_resize(x, (self.window, self.window)).contiguous()
         keep = {"boxes": boxes.numpy(), "size": tuple(frames.shape[1:3])}  # boxes: (G, 4) y0, x0, y1, x1
         if self.keep_frame:
-            keep["frame"] = np.ascontiguousarray(frames[len(frames) // 2])
+            keep["frame"] = np.ascontiguousarray(sampling.to_numpy(frames[len(frames) // 2]))
         return Sample(item, inputs, facts, keep)
 
 

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qscore.media.sampling import FRAME_SAMPLERS, normalize, select_frames
+from qscore.media.sampling import FRAME_SAMPLERS, channels_first, normalize, select_frames
 from qscore.media.video import open_video
 from qscore.models.base import Model, ModelSpec
 from qscore.types import Item, MissingWeights, Output, Sample
@@ -165,7 +164,7 @@ class QCLIPPrepare:
             frames, used = reader.frames_near(indices, size=(self.size, self.size), near=self.slack)
             facts = reader.facts()
         facts["frames_used"] = used
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
+        x = channels_first(frames).contiguous()
         return Sample(item, {"frames": x}, facts)
 
 

@@ -1,0 +1,138 @@
+"""The GPU decoder's logic on the CPU: PyNvVideoCodec replaced by tests/fake_nvdec, which decodes
+with PyAV and hands out NV12 surfaces as NVDEC does, so positions, colour conversion, the
+per-file CPU fallback and the runner's --decoder (spawned workers included) run here without a
+GPU; tests/test_nvdec_gpu.py decodes on NVDEC."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from qscore import runner
+from qscore.media import nvdec, video
+from qscore.media.sampling import uniform_indices
+from qscore.runner import RunConfig, run
+from tests.badmedia import make_video
+
+
+FAKE = Path(__file__).parent / "fake_nvdec"
+
+
+@pytest.fixture
+def fake_nvdec(monkeypatch):
+    """PyNvVideoCodec replaced by tests/fake_nvdec, here and in spawned workers."""
+    monkeypatch.syspath_prepend(str(FAKE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE), *sys.path]))
+    monkeypatch.delitem(sys.modules, "PyNvVideoCodec", raising=False)
+    import PyNvVideoCodec
+
+    monkeypatch.setattr(nvdec, "_DECODERS", {})
+    monkeypatch.setattr(PyNvVideoCodec.SimpleDecoder, "fail", None)
+    monkeypatch.setattr(PyNvVideoCodec.SimpleDecoder, "pts_shift", 0)
+    yield PyNvVideoCodec.SimpleDecoder
+    sys.modules.pop("PyNvVideoCodec", None)
+
+
+def test_nv12_conversion_matches_swscale(tmp_path):
+    path = make_video(tmp_path / "v.mp4", n=3, size=(64, 96))
+    with av.open(str(path)) as c:
+        frame = next(c.decode(c.streams.video[0]))
+    want = frame.to_ndarray(format="rgb24").astype(int)
+    nv12 = torch.from_numpy(frame.reformat(format="nv12").to_ndarray())
+    got = nvdec.nv12_to_rgb(nv12[:64], nv12[64:]).round().permute(1, 2, 0).numpy()
+    diff = np.abs(got - want)
+    assert diff.mean() < 1.5 and diff.max() <= 3  # swscale's integer tables round differently
+
+
+def test_same_positions_and_close_pixels_as_the_cpu(tmp_path, fake_nvdec):
+    path = str(make_video(tmp_path / "v.mp4", n=60, gop=25))
+    want = uniform_indices(60, 8)
+    with video.VideoReader(path) as cpu, nvdec.NvdecReader(path) as gpu:
+        assert gpu.decoder == "nvdec" and gpu._index.dts != gpu._index.pts  # B-frames: NVDEC's stamps lag
+        near_cpu, used_cpu = cpu.frames_near(want, size=(32, 32), near=1)
+        near_gpu, used_gpu = gpu.frames_near(want, size=(32, 32), near=1)
+        exact_cpu, exact_gpu = cpu.frames(want), gpu.frames(want)
+        facts = gpu.facts()
+    assert used_gpu == used_cpu and used_cpu != want  # the plan moved some frames, the same on both
+    assert torch.is_tensor(near_gpu) and near_gpu.dtype == torch.uint8 and near_gpu.shape == (8, 32, 32, 3)
+    assert np.abs(exact_gpu.cpu().numpy().astype(int) - exact_cpu).mean() < 1.5
+    assert np.abs(near_gpu.cpu().numpy().astype(int) - near_cpu).mean() < 3  # resized after vs while converting
+    assert facts["decoder"] == "nvdec" and facts["decode_warnings"] is None
+
+
+def test_a_failing_file_falls_back_to_the_cpu_and_says_so(tmp_path, fake_nvdec):
+    path = str(make_video(tmp_path / "bad.mp4", n=30))
+    fake_nvdec.fail = "bad"
+    with video.VideoReader(path) as cpu, nvdec.NvdecReader(path) as gpu:
+        frames, used = gpu.frames_near([0, 10, 20], near=1)
+        want, want_used = cpu.frames_near([0, 10, 20], near=1)
+        facts = gpu.facts()
+    assert used == want_used and np.array_equal(frames.cpu().numpy(), want)  # the CPU's frames, as tensors
+    assert facts["decoder"] == "pyav" and "GPU decoder failed" in facts["decode_warnings"]
+
+
+def test_a_timestamp_mismatch_is_never_served(tmp_path, fake_nvdec):
+    path = str(make_video(tmp_path / "v.mp4", n=30))
+    fake_nvdec.pts_shift = 1  # the decoder's frames would be off by some
+    with nvdec.NvdecReader(path) as gpu:
+        gpu.frames([3, 4])
+        facts = gpu.facts()
+    assert facts["decoder"] == "pyav" and "stamped" in facts["decode_warnings"]
+
+
+def test_formats_nvdec_lacks_go_to_the_cpu(tmp_path, fake_nvdec):
+    with av.open(str(tmp_path / "444.mp4"), "w") as out:  # 4:4:4 H.264 (High 4:4:4)
+        s = out.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv444p"
+        for i in range(5):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    mpeg4 = make_video(tmp_path / "m.mp4", n=5, codec="mpeg4")
+    for path, why in ((tmp_path / "444.mp4", "yuv444p"), (mpeg4, "mpeg4")):
+        with nvdec.NvdecReader(str(path)) as gpu:
+            assert torch.is_tensor(gpu.frames([1])) and gpu.decoder == "pyav"
+            assert why in gpu.facts()["decode_warnings"] and "decoded on the CPU" in gpu.facts()["decode_warnings"]
+
+
+def test_pick_decoder():
+    assert video.pick_decoder("auto", "cpu") == "cpu" and video.pick_decoder("cpu", "cuda") == "cpu"
+    with pytest.raises(video.UsageError, match="needs a CUDA device"):
+        video.pick_decoder("gpu", "cpu")
+    with pytest.raises(video.UsageError, match="auto, cpu or gpu"):
+        video.pick_decoder("fast", "cpu")
+
+
+@pytest.mark.parametrize("workers", [0, 2])  # 2: spawned workers, the main thread collates
+def test_run_with_the_gpu_decoder_writes_which_decoder_served_each_file(tmp_path, fake_nvdec, monkeypatch, workers):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("a.mp4", "bad.mp4", "c.mp4"):
+        make_video(clips / name, n=40, gop=20)
+    fake_nvdec.fail = "bad"
+    monkeypatch.setenv("QSCORE_FAKE_NVDEC_FAIL", "bad")
+    monkeypatch.setattr(runner, "pick_decoder", lambda choice, device_type: "gpu")
+
+    def score(out, decoder):
+        cfg = RunConfig(task="video", model="qclip", inputs=[str(clips)], out=out, preset="tiny", weights="random",
+                        device="cpu", workers=workers, batch_size=2, decoder=decoder, quiet=True)
+        assert run(cfg) == 0
+        return {r["rel_path"]: r for r in pq.read_table(out / "qclip.parquet").to_pylist()}
+
+    gpu = score(tmp_path / "gpu", "gpu")
+    assert video.SETTINGS.decoder == "cpu"  # the run put this process's decoding back
+    monkeypatch.setattr(runner, "pick_decoder", lambda choice, device_type: "cpu")
+    cpu = score(tmp_path / "cpu", "cpu")
+    assert {k: r["decoder"] for k, r in gpu.items()} == {"a.mp4": "nvdec", "bad.mp4": "pyav", "c.mp4": "nvdec"}
+    assert "GPU decoder failed" in gpu["bad.mp4"]["decode_warnings"] and gpu["a.mp4"]["decode_warnings"] is None
+    for name in gpu:
+        assert gpu[name]["frames_used"] == cpu[name]["frames_used"]
+        assert gpu[name]["score"] == pytest.approx(cpu[name]["score"], abs=0.05)
