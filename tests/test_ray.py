@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.test_runner import ROOT, TOY, make_images, qscore, table
+from tests.test_runner import ROOT, TOY, kill_mid_run, make_images, qscore, table
 
 ray = pytest.importorskip("ray")
 
@@ -141,14 +141,7 @@ def test_a_killed_driver_reruns_without_loss_or_duplicates(address, tmp_path):
     env = {**os.environ, "QSCORE_EXTRA_MODELS": TOY, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "qscore", "image", str(tmp_path / "in"), "-m", "toy", "-o", str(out), "-b", "2",
            "--set", "delay=0.3", "--engine", "ray", "--ray-address", address, "-q"]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
-    parts = out / ".parts" / "toy"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("part-*.parquet")) if parts.exists() else []) < 3:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 3 <= len(list(parts.glob("part-*.parquet"))) < 12, "the kill should land mid-run"
+    kill_mid_run(cmd, env, out, wait_s=120)
     rerun = subprocess.run(cmd, env=env, cwd=ROOT, timeout=300)
     assert rerun.returncode == 0
     df = table(out)

@@ -34,6 +34,20 @@ def qscore(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def kill_mid_run(cmd: list[str], env: dict, out: Path, wait_s: float) -> subprocess.Popen:
+    """Start a toy run of 24 files in batches of 2, kill -9 it once 3 Parquet parts are written,
+    and check that the kill landed mid-run (fewer than 12 parts)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    parts = out / ".parts" / "toy"
+    deadline = time.time() + wait_s
+    while time.time() < deadline and len(list(parts.glob("part-*.parquet")) if parts.exists() else []) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 3 <= len(list(parts.glob("part-*.parquet"))) < 12, "the kill should land mid-run"
+    return proc
+
+
 def make_images(folder: Path, n: int, size=(40, 30)) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -225,15 +239,8 @@ def test_kill_minus_9_then_rerun_scores_every_file_once(tmp_path):
     env = {**os.environ, "QSCORE_EXTRA_MODELS": TOY, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "qscore", "image", str(tmp_path / "in"), "-m", "toy", "-o", str(out),
            "-j", "0", "-b", "2", "--set", "delay=0.4", "-q"]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    proc = kill_mid_run(cmd, env, out, wait_s=60)
     parts = out / ".parts" / "toy"
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(parts.glob("part-*.parquet")) if parts.exists() else []) < 3:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    n_parts = len(list(parts.glob("part-*.parquet")))
-    assert 3 <= n_parts < 12, "the kill should land mid-run"
     assert (out / "toy.lock").read_text().split()[0] == str(proc.pid)  # left behind by the killed run
     rerun = subprocess.run(cmd, env=env, cwd=ROOT)
     assert rerun.returncode == 0  # it took the stale lock over
