@@ -19,7 +19,7 @@ from qscore.media.image import load_image
 from qscore.media.sampling import squash_resize, to_tensor
 from qscore.models.base import Model, ModelSpec
 from qscore.train.labels import LabelError, read_labels
-from qscore.train.loop import TrainOptions, WarmupCosine, _param_groups, evaluate, train
+from qscore.train.loop import TrainOptions, WarmupCosine, _param_groups, evaluate, selection_value, train
 from qscore.types import Item, Sample, UsageError
 from qscore.weights import Registry, load_checkpoint
 
@@ -244,9 +244,12 @@ def test_forgery_train_and_eval_with_ugdiml_tiny(tmp_path):
                         init="random", epochs=1, batch_size=3, device="cpu", workers=0, progress=False)
     summary = train(opts)
     card = json.loads((tmp_path / "run" / "best.json").read_text())
-    assert summary["best_epoch"] == 1 and card["selected_by"] == "validation f1"
-    for key in ("f1", "iou", "pixel_auc", "image_auc", "authentic_fpr", "protocol"):
-        assert key in card["metrics"]
+    assert summary["best_epoch"] == 1 and card["selected_by"] == "validation f1, mean with ciml_f1"
+    for key in ("f1", "iou", "pixel_auc", "image_auc", "authentic_fpr", "protocol", "ciml_f1", "ciml_pixel_auc"):
+        assert key in card["metrics"]  # one checkpoint serves both modes: validated in both
+    assert card["config"]["mode"] == "iml"  # the CIML pass leaves the configured mode as it was
+    assert selection_value({"f1": 0.2, "ciml_f1": 0.8}, "forgery") == pytest.approx(0.5)
+    assert selection_value({"f1": 0.2}, "forgery") == pytest.approx(0.2)
     assert card["metrics"]["n_manipulated"] + card["metrics"]["n_authentic"] == 6
 
 

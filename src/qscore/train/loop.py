@@ -139,7 +139,7 @@ def train(opts: TrainOptions) -> dict:
             loss = _train_epoch(model, loader, optimizer, scheduler, device, opts.seed, epoch, bar)
             metrics = {"epoch": epoch + 1, "train_loss": loss, "lr": max(scheduler.get_last_lr())}
             if val_set is not None:
-                metrics |= evaluate(model, val_set, device, opts.batch_size, opts.workers, cls.spec.task)[0]
+                metrics |= validate(model, val_set, device, opts.batch_size, opts.workers)
             metrics["elapsed_s"] = round(time.perf_counter() - t0, 2)
             value = selection_value(metrics, cls.spec.task)
             card_e = card | {"epoch": epoch + 1, "metrics": _jsonable(metrics)}
@@ -147,7 +147,7 @@ def train(opts: TrainOptions) -> dict:
             improved = value > best or best_epoch is None or val_set is None
             if improved:
                 best, best_epoch = value, epoch + 1
-                _save(model, out / "best.safetensors", card_e | {"selected_by": _selected_by(cls.spec.task, val_set)})
+                _save(model, out / "best.safetensors", card_e | {"selected_by": _selected_by(metrics, cls.spec.task, val_set)})
             with atomic_file(resume_file) as tmp:
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "key": key}, tmp)
@@ -181,9 +181,36 @@ class WarmupCosine:
 
 
 def selection_value(metrics: dict, task: str) -> float:
-    """What picks the best epoch: forgery F1, else SRCC + PLCC (NaN counts as worst)."""
-    value = metrics.get("f1") if task == "forgery" else metrics.get("srcc", math.nan) + metrics.get("plcc", math.nan)
+    """What picks the best epoch: forgery F1 (the mean over the modes validated), else SRCC +
+    PLCC (NaN counts as worst)."""
+    if task == "forgery":
+        f1s = [v for k, v in metrics.items() if k == "f1" or k.endswith("_f1")]
+        value = sum(f1s) / len(f1s) if f1s and None not in f1s else None
+    else:
+        value = metrics.get("srcc", math.nan) + metrics.get("plcc", math.nan)
     return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+MODE_METRICS = ("f1", "iou", "pixel_auc", "image_auc", "authentic_fpr")
+
+
+def validate(model: Model, val_set: Labels, device: torch.device, batch_size: int, workers: int) -> dict:
+    """One epoch's validation metrics. A model whose checkpoint also scores with a reference
+    (UGD-IML's CIML) is validated in each such mode too, where the labels give references, as
+    ``<mode>_f1`` ...: the best epoch must serve every mode, not only the configured one."""
+    metrics = evaluate(model, val_set, device, batch_size, workers, model.spec.task)[0]
+    base = getattr(model.config, "mode", None)
+    with_references = any(item.reference for item in val_set.items)
+    for mode in model.spec.reference_modes:
+        if mode == base or not with_references:
+            continue
+        model.config.mode = mode
+        try:
+            other = evaluate(model, val_set, device, batch_size, workers, model.spec.task)[0]
+        finally:
+            model.config.mode = base
+        metrics |= {f"{mode}_{k}": other[k] for k in MODE_METRICS if k in other}
+    return metrics
 
 
 def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) -> float:
@@ -408,10 +435,13 @@ def _save(model: Model, path: Path, card: dict) -> None:
     save_checkpoint(path, state, card)
 
 
-def _selected_by(task: str, val_set: Labels | None) -> str:
+def _selected_by(metrics: dict, task: str, val_set: Labels | None) -> str:
     if val_set is None:
         return "last epoch (no --val)"
-    return "validation f1" if task == "forgery" else "validation srcc + plcc"
+    if task != "forgery":
+        return "validation srcc + plcc"
+    modes = [k.removesuffix("_f1") for k in metrics if k.endswith("_f1")]
+    return f"validation f1, mean with {', '.join(m + '_f1' for m in modes)}" if modes else "validation f1"
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -430,4 +460,5 @@ def _jsonable(metrics: dict) -> dict:
 
 def _brief(metrics: dict) -> str:
     keys = ("train_loss", "srcc", "plcc", "krcc", "rmse", "f1", "iou", "pixel_auc", "image_auc")
+    keys += tuple(k for k in metrics if k.endswith("_f1"))  # other modes' F1 (validate)
     return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), float))
