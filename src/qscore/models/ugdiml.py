@@ -247,8 +247,9 @@ class UGDIML(Model):
 @dataclass
 class UGDIMLPrepare:
     """Item -> Sample: forged (and reference) image resized to image_size^2 and normalised, and
-    the K initial noise maps (size^2) drawn from the file's seed. ``train``: the GT mask instead of the
-    noise, and one random crop and flip applied alike to image, reference and mask."""
+    the K initial noise maps (size^2) drawn from the file's seed. ``train``: the GT mask
+    instead of the noise, and one random crop and flip applied alike to image, reference and
+    mask."""
 
     size: int
     ciml: bool
@@ -258,12 +259,15 @@ class UGDIMLPrepare:
     crop_min: float = 0.5
     image_size: int = 0  # the images' side; 0: size
 
+    def __post_init__(self) -> None:
+        self.image_size = self.image_size or self.size
+
     def __call__(self, item: Item) -> Sample:
         forged, facts = load_image(item.path)
         height, width = forged.shape[:2]
         reference = self._reference(item, (height, width), facts)
         box, flip = self._augmentation() if self.train else ((0.0, 0.0, 1.0, 1.0), False)
-        side = self.image_size or self.size
+        side = self.image_size
         inputs = {
             "forged": self._image(forged, box, flip),
             "reference": torch.zeros(3, side, side) if reference is None else self._image(reference, box, flip),
@@ -312,7 +316,8 @@ class UGDIMLPrepare:
 
     def _image(self, pixels: np.ndarray, box, flip: bool) -> Tensor:
         """uint8 (H, W, 3) -> normalised (3, image_size, image_size)."""
-        return normalize(self._resize(to_tensor(pixels[None]), box, flip, self.image_size or self.size), IMAGENET_MEAN, IMAGENET_STD)[0]
+        pixels = self._resize(to_tensor(pixels[None]), box, flip, self.image_size)
+        return normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)[0]
 
     def _mask(self, path: str | None, box, flip: bool) -> Tensor:
         """GT mask file (``load_mask``: brightest channel > 127 is manipulated) -> {0, 1} (1, size, size);
