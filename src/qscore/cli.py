@@ -43,7 +43,7 @@ Csv = Annotated[bool, typer.Option("--csv", help="Also write a CSV twin of the P
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Batch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Files per GPU batch (halved on CUDA out-of-memory).")]
 Workers = Annotated[int, typer.Option("--workers", "-j", help="CPU decode workers; -1 = one per core (max 16), 0 = in-process.")]
-Decoder = Annotated[str, typer.Option("--decoder", help="Video decoding: auto (NVDEC where PyNvVideoCodec and CUDA are there), cpu or gpu.")]
+Decoder = Annotated[str, typer.Option("--decoder", help="Video decoding: auto (the CPU: faster than NVDEC as measured, see docs/benchmarks.md), cpu or gpu (NVDEC).")]
 Weights = Annotated[Optional[str], typer.Option("--weights", help="'random', a checkpoint from `qscore train` (.safetensors), or omit for the official weights in weights.toml.")]
 Registry_ = Annotated[Optional[str], typer.Option("--registry", help="weights.toml to use (default: $QSCORE_WEIGHTS, ./weights.toml, packaged).")]
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Model size preset, e.g. default or tiny (see `qscore models`).")]

@@ -108,7 +108,7 @@ class NvdecReader(VideoReader):
     def _to_rgb(self, surface: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """An NV12 surface (luma rows, then half as many interleaved chroma rows; either may be
         padded) -> uint8 (h, w, 3) at the output ``size``, displayed orientation, as the CPU
-        path makes it: convert, resize the stored frame, rotate."""
+        path makes it: convert (scaling first, in YUV, when a size is asked), rotate."""
         h, w = (self.width, self.height) if self.rotation in (90, 270) else (self.height, self.width)
         if surface.dim() == 3 and surface.shape[-1] == 1:
             surface = surface[..., 0]
@@ -117,22 +117,33 @@ class NvdecReader(VideoReader):
         if surface.dim() != 2 or luma < h or surface.shape[1] < w or rows != luma + luma // 2:
             raise MediaError(f"unexpected NV12 surface {tuple(surface.shape)} for a {w}x{h} stream")
         y, uv = surface[:h, :w], surface[luma : luma + (h + 1) // 2, : w + w % 2]
-        rgb = nv12_to_rgb(y, uv, full_range=self.pix_fmt == "yuvj420p")  # (3, h, w)
         stored = (size[1], size[0]) if self.rotation in (90, 270) else size
-        if tuple(rgb.shape[-2:]) != stored:
-            rgb = F.interpolate(rgb[None], size=stored, mode="bilinear", align_corners=False, antialias=True)[0]
+        rgb = nv12_to_rgb(y, uv, full_range=self.pix_fmt == "yuvj420p", size=stored)  # (3, h, w)
         rgb = rgb.round_().clamp_(0, 255).to(torch.uint8)
         return torch.rot90(rgb, self.rotation // 90, dims=(1, 2)).permute(1, 2, 0)
 
 
-def nv12_to_rgb(y: torch.Tensor, uv: torch.Tensor, full_range: bool = False) -> torch.Tensor:
-    """uint8 luma (H, W) and interleaved chroma (ceil(H/2), W) -> float RGB (3, H, W) in
-    [0, 255] (unrounded), BT.601; each chroma sample covers its 2x2 block, as swscale's
-    unscaled path does."""
+def nv12_to_rgb(y: torch.Tensor, uv: torch.Tensor, full_range: bool = False, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """uint8 luma (H, W) and interleaved chroma (ceil(H/2), W) -> float RGB (3, h, w) in [0, 255]
+    (unrounded), BT.601, at ``size`` (h, w) (default: the frame's own).
+
+    Unscaled, each chroma sample covers its 2x2 block, as swscale's unscaled path does. Scaled,
+    the planes are resized before the conversion, as swscale does: luma to (h, w), chroma to
+    (h, ceil(w/2)), each chroma sample then covering 2 pixels of a row (antialiased bilinear for
+    both, swscale's default). Converting first and resizing RGB differs from the CPU path by a
+    mean of 15.6 per channel value on sharp-edged content (8x8-block synthetic 720p -> 336²),
+    this order by 3.3 (1.5 on bigbuckbunny.mp4)."""
     h, w = y.shape
+    out = (h, w) if size is None else (int(size[0]), int(size[1]))
     yf = y.float()
-    c = uv.float().reshape(uv.shape[0], -1, 2).permute(2, 0, 1) - 128.0  # (2, H/2, W/2): Cb, Cr
-    c = c.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :h, :w]
+    c = uv.float().reshape(uv.shape[0], -1, 2).permute(2, 0, 1)  # (2, H/2, W/2): Cb, Cr
+    if out == (h, w):
+        c = c.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :h, :w]
+    else:
+        yf = F.interpolate(yf[None, None], size=out, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+        c = F.interpolate(c[None], size=(out[0], (out[1] + 1) // 2), mode="bilinear", align_corners=False, antialias=True)[0]
+        c = c.repeat_interleave(2, 2)[:, :, : out[1]]
+    c = c - 128.0
     if not full_range:  # limited range: luma 16..235, chroma 16..240
         yf = (yf - 16.0) * (255.0 / 219.0)
         c = c * (255.0 / 224.0)

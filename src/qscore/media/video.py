@@ -54,16 +54,19 @@ def configure(decoder: str, threads: int, worker_id: int | None = None) -> Decod
 
 
 def pick_decoder(choice: str, device_type: str) -> str:
-    """``--decoder`` auto | cpu | gpu -> "cpu" or "gpu": auto takes NVDEC where PyNvVideoCodec
-    is installed and the run is on CUDA. Raises UsageError for gpu where that is missing."""
+    """``--decoder`` auto | cpu | gpu -> "cpu" or "gpu". auto takes the CPU decoder: on the H200
+    (docs/benchmarks.md, 2026-12-04) NVDEC through PyNvVideoCodec decoded ~150 frames of a 720p
+    clip to serve Q-CLIP's 8 and ran the runner at half the CPU decoder's videos/s. gpu raises
+    UsageError where PyNvVideoCodec or CUDA is missing."""
     from qscore.media import nvdec
 
     if choice not in ("auto", "cpu", "gpu"):
         raise UsageError(f"--decoder must be auto, cpu or gpu, got {choice!r}")
-    usable = choice != "cpu" and device_type == "cuda" and nvdec.available()
-    if choice == "gpu" and not usable:
+    if choice != "gpu":
+        return "cpu"
+    if device_type != "cuda" or not nvdec.available():
         raise UsageError("--decoder gpu needs a CUDA device and PyNvVideoCodec (pip install 'qscore[nvdec]')")
-    return "gpu" if usable else "cpu"
+    return "gpu"
 
 
 def open_video(path: str, *, max_side: int | None = None, threads: int | None = None) -> VideoReader:
