@@ -18,9 +18,11 @@ for p in synthesize("image512", 96, w / "img" / "r0"):
     for k in range(1, 8):
         (w / "img" / f"r{k}").mkdir(exist_ok=True)
         os.link(p, w / "img" / f"r{k}" / Path(p).name)
-for k in range(32):  # 32 distinct clips, 32 times
-    os.makedirs(w / "v720", exist_ok=True)
-    os.symlink("/tmp/q17/v720-g50/r0", w / "v720" / f"r{k}")
+clips = sorted(Path("/tmp/q17/v720-g50/r0").glob("*.mp4"))
+for k in range(32):  # 32 distinct clips, 32 times (hard links: discovery follows no linked folder)
+    (w / "v720" / f"r{k:02d}").mkdir(parents=True, exist_ok=True)
+    for p in clips:
+        os.link(p, w / "v720" / f"r{k:02d}" / p.name)
 print("inputs made")
 PY
 for engine in local ray; do
