@@ -6,9 +6,10 @@
 # with), base/src (the source measured against), sdist/mamba_ssm-*.tar.gz and
 # build-mamba-sm90.sh. STEPS, in order, from: tests (what NVDEC finds, the GPU tests),
 # qclip, clifvqa, mvqa (`qscore bench` rows: GPU and CPU decoder, 720p and 1080p, a keyframe
-# every 2 s and one per clip), cpu (the CPU decoder against base/ on the host's cores). Install,
-# clips and the mamba-ssm build (in the background, when mvqa is a step) happen once per host, so the steps
-# can be split over calls to a warm host (a later call needs no CARRY: pass any folder). A step is skipped once SECONDS have passed.
+# every 2 s and one per clip), cpu (the CPU decoder against base/ on the host's cores). Install
+# and clips happen once per host, and the mamba-ssm build (in the background) once, in the first
+# call whose STEPS hold mvqa, so the steps can be split over calls to a warm host (only the
+# install and the build read CARRY). A step is skipped once SECONDS have passed.
 set -u
 CARRY=$(cd "$1" && pwd); OUT=$2; BUDGET=$3; STEPS=$4; T0=$(date +%s); ROOT=$PWD
 mkdir -p "$OUT"
@@ -26,11 +27,12 @@ if [ ! -e /tmp/site/.done ]; then
   mkdir -p /tmp/site && for t in "$CARRY"/site*.tar.xz; do tar -C /tmp/site -xJf "$t"; done
   for w in "$CARRY"/*.whl; do [ -e "$w" ] && python3 -m zipfile -e "$w" /tmp/site; done; cp -r "$CARRY/base" /tmp/q17base
   touch /tmp/site/.done
-  # mamba-ssm for MVQA, built beside the next steps (they time nothing); mvqa waits for it
-  [[ " $STEPS " != *" mvqa "* ]] || [ -d /tmp/msite/mamba_ssm ] || (cd "$CARRY" && SDIST=$(ls "$CARRY"/sdist/mamba_ssm-*.tar.gz) \
+fi
+# mamba-ssm for MVQA, built beside the clips and tests (they time nothing); the benches wait for it
+if [[ " $STEPS " == *" mvqa "* ]] && [ ! -d /tmp/msite/mamba_ssm ] && ! pgrep -f "[b]uild-mamba-sm90" > /dev/null; then
+  (cd "$CARRY" && SDIST=$(ls "$CARRY"/sdist/mamba_ssm-*.tar.gz) \
     setsid nohup bash "$CARRY/build-mamba-sm90.sh" > /tmp/mamba.log 2>&1 < /dev/null &)
 fi
-DECODERS=gpu,cpu
 
 if [ ! -e /tmp/q17/.done ]; then
   step "clips"
@@ -66,7 +68,7 @@ for s in $STEPS; do
     time_left "bench $s" || continue
     case $s in qclip) args=(-b 16);; clifvqa) args=(-b 8);; mvqa) args=(--preset tiny -b 16);; esac
     timeout 240 python3 -m qscore bench $s "${args[@]}" /tmp/q17/v720-g50 /tmp/q17/v720-g250 /tmp/q17/v1080-g50 \
-      --decoder "$DECODERS" --warmup 16 --json "$OUT/$s.json" | sed -n '/^| model/,$p' | tee -a "$OUT/tables.md" ;;
+      --decoder gpu,cpu --warmup 16 --json "$OUT/$s.json" | sed -n '/^| model/,$p' | tee -a "$OUT/tables.md" ;;
   cpu)
     step "CPU decoder vs base on the host's cores"
     mkdir -p /tmp/q17/cpu && ln -sfn /tmp/q17/v720-g50/r0 /tmp/q17/cpu/720p-g50 && ln -sfn /tmp/q17/v720-g250/r0 /tmp/q17/cpu/720p-g250
