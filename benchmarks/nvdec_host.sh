@@ -7,7 +7,7 @@
 # build-mamba-sm90.sh. STEPS, in order, from: tests (what NVDEC finds, the GPU tests),
 # qclip, clifvqa, mvqa (`qscore bench` rows: GPU and CPU decoder, 720p and 1080p, a keyframe
 # every 2 s and one per clip), cpu (the CPU decoder against base/ on the host's cores). Install
-# and clips happen once per host, and the mamba-ssm build (in the background) once, in the first
+# and clips (not for empty STEPS: the install alone) happen once per host, and the mamba-ssm build (in the background) once, in the first
 # call whose STEPS hold mvqa, so the steps can be split over calls to a warm host (only the
 # install and the build read CARRY). A step is skipped once SECONDS have passed.
 set -u
@@ -34,7 +34,7 @@ if [[ " $STEPS " == *" mvqa "* ]] && [ ! -d /tmp/msite/mamba_ssm ] && ! pgrep -f
     setsid nohup bash "$CARRY/build-mamba-sm90.sh" > /tmp/mamba.log 2>&1 < /dev/null &)
 fi
 
-if [ ! -e /tmp/q17/.done ]; then
+if [ -n "$STEPS" ] && [ ! -e /tmp/q17/.done ]; then  # every step reads them; none (only the install) makes none
   step "clips"
   python3 - <<'PY'
 import os

@@ -68,6 +68,7 @@ def test_rows_equal_the_local_runners_on_the_shared_photos_and_clips(address, tm
         assert (tmp_path / "ray" / path).read_bytes() == (tmp_path / "local" / path).read_bytes()
     summary = json.loads((tmp_path / "ray" / f"{model}.summary.json").read_text())
     assert summary["engine"] == "ray" and summary["workers"][0]["files"] == len(other) and summary["files_per_s"]
+    assert summary["workers"][0]["build_s"] > 0 and 0 <= summary["ray"]["connect_s"] <= summary["ray"]["workers_ready_s"]
 
 
 def test_bad_files_give_the_local_runners_error_rows(address, tmp_path):

@@ -1,8 +1,9 @@
 """The Ray executor (``--engine ray``): the runner's same run over every GPU of a machine or of a
 Ray cluster. Only ``--engine ray`` imports this module, and so Ray.
 
-The driver (``runner.run``: discovery, resume filter, Parquet, summary) cuts the files still to
-do into batches. Each batch is decoded by a CPU task anywhere in the cluster (``Prepared``, what
+``RayCluster`` starts Ray and the ``_Scorer`` actors as soon as the run is planned, so that they
+come up while the driver (``runner.run``: discovery, resume filter, Parquet, summary) discovers
+and builds. The driver cuts the files still to do into batches. Each batch is decoded by a CPU task anywhere in the cluster (``Prepared``, what
 a DataLoader worker does locally), then scored by one of the ``_Scorer`` actors (one per GPU),
 which builds the model once from the picklable plan and runs the runner's own ``Engine``
 (collate, forward, OOM back-off, per-file isolation, postprocess) and ``RowMaker`` (rows,
@@ -22,6 +23,7 @@ Deaths: every file of every call on a worker that died is counted once and retri
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import socket
@@ -62,22 +64,24 @@ class _Scorer:
     call the runner's Engine over one prepared batch. Calls run side by side (``IN_FLIGHT``
     threads): one call's forwards hold the device while earlier calls postprocess."""
 
-    def __init__(self, plan: ModelPlan, cfg: RunConfig, make_rows: RowMaker):
+    def __init__(self, plan: ModelPlan, cfg: RunConfig):
+        t0 = time.perf_counter()
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         self.model = plan.build(self.device, cfg.seed, maps=cfg.maps or cfg.save_npz)[0]
-        self.batch_size, self.make_rows = cfg.batch_size, make_rows
+        self.build_s = round(time.perf_counter() - t0, 3)
+        self.batch_size = cfg.batch_size
         self.device_lock = threading.Lock()
 
     def ready(self) -> dict[str, Any]:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {"node": socket.gethostname(), "pid": os.getpid(), "device": name}
+        return {"node": socket.gethostname(), "pid": os.getpid(), "device": name, "build_s": self.build_s}
 
-    def score(self, prepared: list) -> tuple[list[dict], dict[str, float]]:
+    def score(self, prepared: list, make_rows: RowMaker) -> tuple[list[dict], dict[str, float]]:
         chunk = Chunk.make(self.model.collate, prepared)
         if self.device.type == "cuda":
             chunk = chunk.pin_memory()
         rows: list[dict] = []
-        engine = Engine(self.model, self.device, self.batch_size, 0, lambda results: rows.extend(self.make_rows(results)))
+        engine = Engine(self.model, self.device, self.batch_size, 0, lambda results: rows.extend(make_rows(results)))
         with self.device_lock:
             engine.consume([chunk])
             self.batch_size = engine.batch_size  # an OOM back-off holds for the calls after it
@@ -86,73 +90,98 @@ class _Scorer:
         return rows, {**engine.totals, "peak_gpu_mb": peak}
 
 
+@ray.remote(num_cpus=1, max_retries=0)
+def _warm(modules: list[str]) -> None:
+    """Import what decoding needs (torch, the runner, the model's module: seconds in a new
+    worker) while the driver is still discovering files and building its own copy."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+class RayCluster:
+    """Ray and its scoring actors, one per GPU, started as soon as the run is planned: Ray's
+    start, the actors' model builds and the CPU workers' imports then overlap the driver's
+    discovery and model build. ``close()`` stops a Ray this started."""
+
+    def __init__(self, cfg: RunConfig, plan: ModelPlan):
+        t0 = time.perf_counter()
+        self.owned = not ray.is_initialized()
+        if self.owned:  # else the caller's own Ray session (tests, notebooks) is used
+            _connect(cfg)
+        self.timings = {"connect_s": round(time.perf_counter() - t0, 3)}
+        self._t0 = t0
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        if cfg.device.startswith("cuda") and not gpus:
+            self.close()
+            raise UsageError(f"--device {cfg.device}: the Ray cluster has no GPU")
+        use_gpu = bool(gpus) and cfg.device != "cpu"
+        scorer = ray.remote(_Scorer).options(
+            num_gpus=1 if use_gpu else 0, num_cpus=1, max_concurrency=IN_FLIGHT, max_restarts=-1, max_task_retries=0
+        )
+        self.actors = [scorer.remote(plan, cfg) for _ in range(gpus if use_gpu else 1)]
+        self._ready = [a.ready.remote() for a in self.actors]
+        self.cpus = cpus
+        modules = ["torch", "qscore.runner", plan.cls.__module__]
+        self._warming = [_warm.remote(modules) for _ in range(max(cpus - len(self.actors), 1))]
+
+    def wait_ready(self) -> list[dict[str, Any]]:
+        """Each actor's node, pid, device and model build time, once every model is built."""
+        try:
+            workers = ray.get(self._ready)
+        except ray.exceptions.RayError as e:
+            raise UsageError(f"a Ray worker could not build the model: {e}") from e
+        self.timings["workers_ready_s"] = round(time.perf_counter() - self._t0, 3)
+        return workers
+
+    def close(self) -> None:
+        if self.owned and ray.is_initialized():
+            ray.shutdown()
+
+
 class RayEngine:
     """What ``runner._score`` drives in place of the local ``Engine``: ``drive(todo)`` and the
     same figures (``totals``, ``first_launch``, ``last_done``, ``batch_size``), plus
-    ``per_worker`` and the devices used."""
+    ``per_worker``, the devices used and the cluster's start-up ``timings``."""
 
-    def __init__(self, cfg: RunConfig, plan: ModelPlan, prepare: Any, rows: Any):
-        self.cfg, self.plan, self.prepare, self.rows = cfg, plan, prepare, rows
+    def __init__(self, cfg: RunConfig, cluster: RayCluster, prepare: Any, rows: Any):
+        self.cfg, self.cluster, self.prepare, self.rows = cfg, cluster, prepare, rows
         self.batch_size = cfg.batch_size
         self.totals = {"model_ms": 0.0, "decode_ms": 0.0, "stage_ms": 0.0}
         self.first_launch: float | None = None
         self.last_done: float | None = None
         self.per_worker: list[dict[str, Any]] = []
         self.device_name = "ray"
+        self.timings = cluster.timings
 
     def drive(self, todo: Sequence[Item]) -> None:
-        started = not ray.is_initialized()
-        if started:  # else the caller's own Ray session (tests, notebooks) is used
-            _connect(self.cfg)
-        try:
-            self._drive([_absolute(it) for it in todo])
-        finally:
-            if started:
-                ray.shutdown()
-
-    def _start(self) -> list:
-        """One actor per GPU, each with its model built before any file is sent."""
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        if self.cfg.device.startswith("cuda") and not gpus:
-            raise UsageError(f"--device {self.cfg.device}: the Ray cluster has no GPU")
-        use_gpu = bool(gpus) and self.cfg.device != "cpu"
-        scorer = ray.remote(_Scorer).options(
-            num_gpus=1 if use_gpu else 0, num_cpus=1, max_concurrency=IN_FLIGHT, max_restarts=-1, max_task_retries=0
-        )
-        actors = [scorer.remote(self.plan, self.cfg, self.rows.make) for _ in range(gpus if use_gpu else 1)]
-        try:
-            self.per_worker = [{**info, "files": 0, "model_ms": 0.0, "deaths": 0, "peak_gpu_mb": 0.0}
-                               for info in ray.get([a.ready.remote() for a in actors])]
-        except ray.exceptions.RayError as e:
-            raise UsageError(f"a Ray worker could not build the model: {e}") from e
-        devices = sorted({w["device"] for w in self.per_worker})
-        self.device_name = f"{len(actors)} x {', '.join(devices)} (ray)"
-        return actors
-
-    def _drive(self, todo: list[Item]) -> None:
-        actors = self._start()
-        prepare = ray.put(self.prepare)
+        todo = [_absolute(it) for it in todo]
+        actors, prepare, make_rows = self.cluster.actors, ray.put(self.prepare), ray.put(self.rows.make)
         work = deque(_Call(todo[i : i + self.batch_size]) for i in range(0, len(todo), self.batch_size))
         suspects: deque[_Call] = deque()
-        window = int(ray.cluster_resources().get("CPU", 1)) + IN_FLIGHT * len(actors)  # batches decoded ahead
+        window = self.cluster.cpus + IN_FLIGHT * len(actors)  # batches decoded ahead
         decoding: dict[Any, _Call] = {}
         ready: deque[tuple[Any, _Call]] = deque()  # decoded, waiting for an actor
         busy: list[dict[Any, _Call]] = [{} for _ in actors]  # per actor: its calls in flight
+        started = False
         while work or suspects or decoding or ready or any(busy):
             while work and len(decoding) + len(ready) < window:
                 call = work.popleft()
                 decoding[_prepare.remote(prepare, call.items)] = call
+            if not started:  # the first batches decode while the actors finish their builds
+                self._started(self.cluster.wait_ready())
+                started = True
             for actor, calls in zip(actors, busy):
                 if any(c.deaths for c in calls.values()):
                     continue  # a suspect runs alone
                 if suspects:  # drain, then take one
                     if not calls:
                         call = suspects.popleft()
-                        calls[actor.score.remote(_prepare.remote(prepare, call.items))] = call
+                        calls[actor.score.remote(_prepare.remote(prepare, call.items), make_rows)] = call
                     continue
                 while ready and len(calls) < IN_FLIGHT:
                     decoded, call = ready.popleft()
-                    calls[actor.score.remote(decoded)] = call
+                    calls[actor.score.remote(decoded, make_rows)] = call
                     self.first_launch = self.first_launch or time.perf_counter()
             waiting = list(decoding) + [ref for calls in busy for ref in calls]
             [done], _ = ray.wait(waiting, num_returns=1, fetch_local=False)
@@ -160,6 +189,11 @@ class RayEngine:
                 ready.append((done, decoding.pop(done)))
             else:
                 self._collect(done, actors, busy, suspects)
+
+    def _started(self, workers: list[dict[str, Any]]) -> None:
+        self.per_worker = [{**info, "files": 0, "model_ms": 0.0, "deaths": 0, "peak_gpu_mb": 0.0} for info in workers]
+        devices = sorted({w["device"] for w in self.per_worker})
+        self.device_name = f"{len(workers)} x {', '.join(devices)} (ray)"
 
     def _collect(self, done: Any, actors: list, busy: list[dict[Any, _Call]], suspects: deque[_Call]) -> None:
         """Keep a call's rows; or, when a worker died under it, count its files (and, for an actor
@@ -199,11 +233,15 @@ class RayEngine:
 
 
 def _connect(cfg: RunConfig) -> None:
-    """Join the cluster at ``--ray-address``, or start a local Ray using every visible GPU; the
-    workers get the driver's ``QSCORE_*`` settings (weights cache, registry, offline mode)."""
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("QSCORE_")}}
-    start = {} if cfg.ray_address else {"include_dashboard": False}
-    ray.init(address=cfg.ray_address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=cfg.verbose, **start)
+    """Join the cluster at ``--ray-address``, or start a local Ray using every visible GPU. A
+    cluster's workers get the driver's ``QSCORE_*`` settings (weights cache, registry, offline
+    mode) through a runtime env; a local Ray's inherit the whole environment, and a runtime env
+    would only slow each worker's start (measured: seconds)."""
+    if cfg.ray_address:
+        env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("QSCORE_")}}
+        ray.init(address=cfg.ray_address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=cfg.verbose)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=cfg.verbose)
 
 
 def _restarted(actor: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ the forward is synchronous, so there is nothing to overlap: each batch is writte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -25,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -157,21 +158,40 @@ def run(cfg: RunConfig, built: tuple[Model, str, str] | None = None) -> int:
         device = torch.device("cpu") if cfg.engine == "ray" else pick_device(cfg.device)  # ray: the actors pick theirs
         cfg = dataclasses.replace(cfg, decoder=pick_decoder(cfg.decoder, device.type) if cfg.task == "video" else "cpu")
         plan = plan_run(cfg)
-        items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=plan.needs_reference, pairs=cfg.pairs)
-        model, weights_id, head = built or plan.build(device, cfg.seed, maps=cfg.maps or cfg.save_npz)
-    except (UsageError, DiscoveryError) as e:
+        with _cluster(cfg, plan) as cluster:
+            return _run(cfg, plan, device, built, cluster, started)
+    except (UsageError, DiscoveryError, LockedError) as e:  # usage: also a Ray cluster that cannot run what was asked
         log.error("qscore: %s", e)
         return EXIT_USAGE
+
+
+@contextlib.contextmanager
+def _cluster(cfg: RunConfig, plan: ModelPlan) -> Iterator[Any]:
+    """``--engine ray``: Ray and its scoring actors, started before discovery and the model build
+    so that they come up meanwhile (``qscore.ray_engine``, the one module that imports Ray),
+    stopped at the end; ``--engine local``: None."""
+    if cfg.engine != "ray":
+        yield None
+        return
+    from qscore.ray_engine import RayCluster
+
+    cluster = RayCluster(cfg, plan)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def _run(cfg: RunConfig, plan: ModelPlan, device: torch.device, built: tuple[Model, str, str] | None, cluster: Any,
+         started: float) -> int:
+    items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=plan.needs_reference, pairs=cfg.pairs)
+    model, weights_id, head = built or plan.build(device, cfg.seed, maps=cfg.maps or cfg.save_npz)
     spec = model.spec
     stem = f"{spec.name}-{_mode(model)}" if _mode(model) else spec.name
     sink = TableSink(cfg.out, stem, schema_for(spec.columns))
-    try:
-        with OutputLock(cfg.out / f"{stem}.lock"):
-            stats = _score(cfg, plan, model, device, items, sink, weights_id, head)
-            table = sink.compact(csv=cfg.csv)
-    except (LockedError, UsageError) as e:  # usage: the Ray cluster cannot run what was asked
-        log.error("qscore: %s", e)
-        return EXIT_USAGE
+    with OutputLock(cfg.out / f"{stem}.lock"):
+        stats = _score(cfg, model, device, items, sink, weights_id, head, cluster)
+        table = sink.compact(csv=cfg.csv)
     code = EXIT_FAILED_FILES if stats["error"] else EXIT_OK
     summary = {
         "model": spec.name,
@@ -202,8 +222,8 @@ def _mode(model: Model) -> str | None:
 
 
 def _score(
-    cfg: RunConfig, plan: ModelPlan, model: Model, device: torch.device, items: list[Item], sink: TableSink,
-    weights_id: str, head: str,
+    cfg: RunConfig, model: Model, device: torch.device, items: list[Item], sink: TableSink, weights_id: str,
+    head: str, cluster: Any,
 ) -> dict[str, Any]:
     """Resume filter, then the batched loop. Returns counts and throughput."""
     config_hash = model.config_hash()
@@ -231,7 +251,7 @@ def _score(
     t0 = time.perf_counter()
     with Progress(enabled=False if cfg.quiet else cfg.progress, log_lines=not cfg.quiet) as progress:
         rows = _Rows(cfg, sink, base, stats, progress.start("scoring", len(todo)))
-        engine = _executor(cfg, plan, model, device, rows)
+        engine = _executor(cfg, cluster, model, device, rows)
         if todo:
             engine.drive(todo)
     end = time.perf_counter()
@@ -252,18 +272,18 @@ def _score(
         engine=cfg.engine,
     )
     if cfg.engine == "ray":
-        stats.update(device="ray", device_name=engine.device_name, workers=engine.per_worker,
+        stats.update(device="ray", device_name=engine.device_name, workers=engine.per_worker, ray=engine.timings,
                      peak_gpu_mb=max((w["peak_gpu_mb"] for w in engine.per_worker), default=None) or None)
     return stats
 
 
-def _executor(cfg: RunConfig, plan: ModelPlan, model: Model, device: torch.device, rows: _Rows):
-    """The one seam between the two executors of the same Engine: here, or in Ray actors over a
-    cluster's GPUs (``qscore.ray_engine``, the one module that imports Ray)."""
-    if cfg.engine == "ray":
+def _executor(cfg: RunConfig, cluster: Any, model: Model, device: torch.device, rows: _Rows):
+    """The one seam between the two executors of the same Engine: here, or in the actors of
+    ``cluster`` over a Ray cluster's GPUs."""
+    if cluster is not None:
         from qscore.ray_engine import RayEngine
 
-        return RayEngine(cfg, plan, model.preparer(), rows)
+        return RayEngine(cfg, cluster, model.preparer(), rows)
     return Engine(model, device, cfg.batch_size, cfg.workers, rows, cfg.decoder)
 
 
