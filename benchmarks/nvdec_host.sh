@@ -26,6 +26,9 @@ if [ ! -e /tmp/site/.done ]; then
   step "install"
   mkdir -p /tmp/site && for t in "$CARRY"/site*.tar.xz; do tar -C /tmp/site -xJf "$t"; done
   for w in "$CARRY"/*.whl; do [ -e "$w" ] && python3 -m zipfile -e "$w" /tmp/site; done; cp -r "$CARRY/base" /tmp/q17base
+  # bytecode, as a pip install leaves it: the host sets PYTHONDONTWRITEBYTECODE, and without it every
+  # process (each Ray worker too) compiles these packages again on import
+  python3 -m compileall -q -j 0 /tmp/site "$ROOT/src" > /dev/null
   touch /tmp/site/.done
 fi
 # mamba-ssm for MVQA, built beside the clips and tests (they time nothing); the benches wait for it

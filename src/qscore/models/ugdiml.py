@@ -29,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, UNet2DModel
 from torch import Tensor, nn
 
 from qscore.artefacts import to_uint8
@@ -98,6 +97,8 @@ class MaskDiffusion:
     ("trailing" spacing) starts at t = T and ends on the clean state."""
 
     def __init__(self, steps: int, prediction: str = "epsilon"):
+        from diffusers import DDIMScheduler  # diffusers' import takes seconds: made at build, not when planned or decoding
+
         betas = np.concatenate([[0.0], np.linspace(BETA_START, BETA_END, TRAIN_STEPS)])
         self.scheduler = DDIMScheduler(
             num_train_timesteps=TRAIN_STEPS + 1,
@@ -156,6 +157,8 @@ class UGDIML(Model):
         levels = len(config.channels)
         attention = [i >= levels - config.attention_levels for i in range(levels)]
         self.condition = ConditionControl(config.cond_channels, config.groups, config.image_scale)
+        from diffusers import UNet2DModel
+
         self.denoiser = UNet2DModel(
             sample_size=config.size,
             in_channels=1 + config.cond_channels,
