@@ -3,12 +3,12 @@ Ray cluster. Only ``--engine ray`` imports this module, and so Ray.
 
 ``RayCluster`` starts Ray and the ``_Scorer`` actors as soon as the run is planned, so that they
 come up while the driver (``runner.run``: discovery, resume filter, Parquet, summary) discovers
-and builds. The driver cuts the files still to do into batches. Each batch is decoded by a CPU task anywhere in the cluster (``Prepared``, what
-a DataLoader worker does locally), then scored by one of the ``_Scorer`` actors (one per GPU),
-which builds the model once from the picklable plan and runs the runner's own ``Engine``
-(collate, forward, OOM back-off, per-file isolation, postprocess) and ``RowMaker`` (rows,
-artefact PNGs written by the worker, so ``--out`` must be shared storage). The rows come back to
-the driver, which keeps them as the local runner does (``_Rows.keep``).
+and builds. The driver cuts the files still to do into batches. Each batch is decoded by a CPU
+task anywhere in the cluster (``Prepared``, what a DataLoader worker does locally), then scored
+by one of the actors (one per GPU), which builds the model once from the picklable plan and runs
+the runner's own ``Engine`` (collate, forward, OOM back-off, per-file isolation, postprocess) and
+``RowMaker`` (rows, artefact PNGs written by the worker, so ``--out`` must be shared storage).
+The rows come back to the driver, which keeps them as the local runner does (``_Rows.keep``).
 
 Why actors and not Ray Data's ``map_batches``: a worker that dies must cost no file, and a file
 that kills its worker twice must become an error row. Ray Data retries whole blocks and then
@@ -123,6 +123,7 @@ class RayCluster:
         self._ready = [a.ready.remote() for a in self.actors]
         self.cpus = cpus
         modules = ["torch", "qscore.runner", plan.cls.__module__]
+        # not awaited: a failed import shows again in the first decode task
         self._warming = [_warm.remote(modules) for _ in range(max(cpus - len(self.actors), 1))]
 
     def wait_ready(self) -> list[dict[str, Any]]:
