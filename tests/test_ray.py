@@ -148,3 +148,17 @@ def test_a_killed_driver_reruns_without_loss_or_duplicates(address, tmp_path):
     df = table(out)
     assert len(df) == 24 and df.rel_path.is_unique and (df.status == "ok").all()
     assert json.loads((out / "toy.summary.json").read_text())["skipped"] >= 3 * 2
+
+
+def test_a_ray_it_starts_gives_its_workers_the_drivers_environment(tmp_path):
+    """Without --ray-address qscore starts its own Ray, passing no runtime env: the workers find
+    the toy model only through the driver's inherited QSCORE_EXTRA_MODELS and PYTHONPATH."""
+    make_images(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    env = {**os.environ, "QSCORE_EXTRA_MODELS": TOY, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-m", "qscore", "image", str(tmp_path / "in"), "-m", "toy", "-o", str(out), "-b", "2",
+           "--engine", "ray", "-q"]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "toy.summary.json").read_text())
+    assert summary["ok"] == 4 and summary["workers"][0]["files"] == 4 and summary["ray"]["connect_s"] > 0
