@@ -184,6 +184,7 @@ def _cluster(cfg: RunConfig, plan: ModelPlan) -> Iterator[Any]:
 
 def _run(cfg: RunConfig, plan: ModelPlan, device: torch.device, built: tuple[Model, str, str] | None, cluster: Any,
          started: float) -> int:
+    """Discovery, the model, scoring under the output's lock, the summary: ``run`` once planned."""
     items = discover(cfg.inputs, cfg.task, cfg.exts, ciml=plan.needs_reference, pairs=cfg.pairs)
     model, weights_id, head = built or plan.build(device, cfg.seed, maps=cfg.maps or cfg.save_npz)
     spec = model.spec
