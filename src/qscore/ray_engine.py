@@ -40,6 +40,8 @@ from qscore.config import ModelPlan, RunConfig
 from qscore.runner import Chunk, Engine, Prepared, Result, RowMaker, describe
 from qscore.types import Item, UsageError
 
+log = logging.getLogger("qscore")
+
 DEATHS = 2  # a file whose worker died this many times while it was being scored gets an error row
 IN_FLIGHT = 4  # calls queued on one actor and run side by side: a forward never waits for a postprocess
 
@@ -121,7 +123,11 @@ class RayCluster:
         )
         self.actors = [scorer.remote(plan, cfg) for _ in range(gpus if use_gpu else 1)]
         self._ready = [a.ready.remote() for a in self.actors]
-        self.cpus = cpus
+        self.cpus, self.quiet = cpus, cfg.quiet
+        if not cfg.quiet:
+            how = "this process's session" if not self.owned else f"joined {cfg.ray_address}" if cfg.ray_address else "started"
+            log.info("ray: %s in %.1f s (%d CPUs, %d GPUs); %d scoring actor(s) building the model", how,
+                     self.timings["connect_s"], cpus, gpus, len(self.actors))
         modules = ["torch", "qscore.runner", plan.cls.__module__]
         # not awaited: a failed import shows again in the first decode task
         self._warming = [_warm.remote(modules) for _ in range(max(cpus - len(self.actors), 1))]
@@ -133,6 +139,9 @@ class RayCluster:
         except ray.exceptions.RayError as e:
             raise UsageError(f"a Ray worker could not build the model: {e}") from e
         self.timings["workers_ready_s"] = round(time.perf_counter() - self._t0, 3)
+        if not self.quiet:
+            log.info("ray: %d scoring actor(s) ready after %.1f s (model built in %s s)", len(workers),
+                     self.timings["workers_ready_s"], ", ".join(f"{w['build_s']:.1f}" for w in workers))
         return workers
 
     def close(self) -> None:

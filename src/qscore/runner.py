@@ -248,7 +248,8 @@ def _score(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if not cfg.quiet:
-        log.info("model %s (preset %s), weights %s (head: %s), device %s", model.spec.name, cfg.preset, weights_id, head, device)
+        log.info("model %s (preset %s), weights %s (head: %s), device %s", model.spec.name, cfg.preset, weights_id, head,
+                 device if cluster is None else "the Ray actors'")
     t0 = time.perf_counter()
     with Progress(enabled=False if cfg.quiet else cfg.progress, log_lines=not cfg.quiet) as progress:
         rows = _Rows(cfg, sink, base, stats, progress.start("scoring", len(todo)))
