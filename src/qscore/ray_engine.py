@@ -129,8 +129,8 @@ class RayCluster:
             log.info("ray: %s in %.1f s (%d CPUs, %d GPUs); %d scoring actor(s) building the model", how,
                      self.timings["connect_s"], cpus, gpus, len(self.actors))
         modules = ["torch", "qscore.runner", plan.cls.__module__]
-        # not awaited: a failed import shows again in the first decode task
-        self._warming = [_warm.remote(modules) for _ in range(max(cpus - len(self.actors), 1))]
+        for _ in range(max(cpus - len(self.actors), 1)):  # not awaited: a failed import shows again when decoding
+            _warm.remote(modules)
 
     def wait_ready(self) -> list[dict[str, Any]]:
         """Each actor's node, pid, device and model build time, once every model is built."""
@@ -152,7 +152,7 @@ class RayCluster:
 class RayEngine:
     """What ``runner._score`` drives in place of the local ``Engine``: ``drive(todo)`` and the
     same figures (``totals``, ``first_launch``, ``last_done``, ``batch_size``), plus
-    ``per_worker``, the devices used and the cluster's start-up ``timings``."""
+    ``per_worker`` and the devices used."""
 
     def __init__(self, cfg: RunConfig, cluster: RayCluster, prepare: Any, rows: Any):
         self.cfg, self.cluster, self.prepare, self.rows = cfg, cluster, prepare, rows
@@ -162,7 +162,6 @@ class RayEngine:
         self.last_done: float | None = None
         self.per_worker: list[dict[str, Any]] = []
         self.device_name = "ray"
-        self.timings = cluster.timings
 
     def drive(self, todo: Sequence[Item]) -> None:
         todo = [_absolute(it) for it in todo]
@@ -173,14 +172,12 @@ class RayEngine:
         decoding: dict[Any, _Call] = {}
         ready: deque[tuple[Any, _Call]] = deque()  # decoded, waiting for an actor
         busy: list[dict[Any, _Call]] = [{} for _ in actors]  # per actor: its calls in flight
-        started = False
         while work or suspects or decoding or ready or any(busy):
             while work and len(decoding) + len(ready) < window:
                 call = work.popleft()
                 decoding[_prepare.remote(prepare, call.items)] = call
-            if not started:  # the first batches decode while the actors finish their builds
+            if not self.per_worker:  # the first batches decode while the actors finish their builds
                 self._started(self.cluster.wait_ready())
-                started = True
             for actor, calls in zip(actors, busy):
                 if any(c.deaths for c in calls.values()):
                     continue  # a suspect runs alone
@@ -247,11 +244,9 @@ def _connect(cfg: RunConfig) -> None:
     cluster's workers get the driver's ``QSCORE_*`` settings (weights cache, registry, offline
     mode) through a runtime env; a local Ray's inherit the whole environment, and a runtime env
     would only slow each worker's start (measured: seconds)."""
-    if cfg.ray_address:
-        env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("QSCORE_")}}
-        ray.init(address=cfg.ray_address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=cfg.verbose)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=cfg.verbose)
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("QSCORE_")}}
+    where = {"address": cfg.ray_address, "runtime_env": env} if cfg.ray_address else {"include_dashboard": False}
+    ray.init(logging_level=logging.WARNING, log_to_driver=cfg.verbose, **where)
 
 
 def _restarted(actor: Any) -> dict[str, Any]:

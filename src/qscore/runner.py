@@ -274,7 +274,7 @@ def _score(
         engine=cfg.engine,
     )
     if cfg.engine == "ray":
-        stats.update(device="ray", device_name=engine.device_name, workers=engine.per_worker, ray=engine.timings,
+        stats.update(device="ray", device_name=engine.device_name, workers=engine.per_worker, ray=cluster.timings,
                      peak_gpu_mb=max((w["peak_gpu_mb"] for w in engine.per_worker), default=None) or None)
     return stats
 
