@@ -5,18 +5,22 @@
 #   bash benchmarks/starters.sh DATA WORK [BUDGET_S]
 #   MODELS="ugdiml clifvqa" bash benchmarks/starters.sh DATA WORK 600   # remake some of them
 #
+# A training that the deadline cuts goes on where it stopped when the same command runs again
+# (on a host that kept WORK): packing and evaluation wait until every training has finished,
+# or run on the best epochs so far with FINAL=1.
+#
 # DATA holds biq2021/ (images, train.csv, val.csv), pristine/ (bsds500, kodak) and video/ (the
 # shared clips), as ../shared/data does. WORK gets the synthetic sets, the runs, the packed
 # starters (WORK/starter/) and one log per step. BUDGET_S (default 600) caps every training's wall
-# clock, counted from the start, data making included; the epochs below fit it on one H200 with 16
-# cores. Seeds are fixed: same data, same
+# clock, counted from the start, data making included. Seeds are fixed: same data, same
 # commands. Run qscore as `python3 -m qscore` with its sources and deps on PYTHONPATH
 # (benchmarks/gpu_env.sh).
 # Sizes and epochs can be made smaller for a smoke run on a CPU (N_FORGERY, N_VIDEO, EPOCHS_*).
 set -u
 DATA=$1 WORK=$2 BUDGET=${3:-600}
-N_FORGERY=${N_FORGERY:-5000} N_FORGERY_TEST=${N_FORGERY_TEST:-1000} N_VIDEO=${N_VIDEO:-3000} J=${J:-6}
-EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-10} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-18}
+N_FORGERY=${N_FORGERY:-8000} N_FORGERY_TEST=${N_FORGERY_TEST:-1000} N_VIDEO=${N_VIDEO:-3000} J=${J:-6}
+EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-40} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-24}
+N_VAL_UGDIML=${N_VAL_UGDIML:-160}  # validation edits per epoch: 8 DDIM steps x 4 samples x 2 modes each cost ~20 training samples
 MODELS=${MODELS:-"rsfiqa ugdiml clifvqa"}
 want() { [[ " $MODELS " == *" $1 "* ]]; }
 Q="python3 -m qscore"
@@ -32,10 +36,15 @@ DEADLINE=$(( $(date +%s) + BUDGET ))
 train() {  # name model args...
   local name=$1
   shift
-  local again=()
-  [ -f "$WORK/runs/$name/last.resume.pt" ] && again=(--resume)  # a cut run goes on where it stopped
-  timeout $(( DEADLINE - $(date +%s) )) $Q train "$@" --init random --seed 0 --out "$WORK/runs/$name" "${again[@]}" >> "$WORK/logs/train_$name.log" 2>&1
-  log "train $name exit $?"
+  local again=() rc left=$(( DEADLINE - $(date +%s) ))
+  [ -f "$WORK/runs/$name/done" ] && return
+  [ $left -gt 10 ] || { log "train $name: no time left"; return; }
+  if [ -f "$WORK/runs/$name/last.resume.pt" ]; then again=(--resume)  # a cut run goes on where it stopped
+  else rm -rf "$WORK/runs/$name"; fi  # cut before its first epoch ended: start again
+  timeout $left $Q train "$@" --init random --seed 0 --out "$WORK/runs/$name" "${again[@]}" >> "$WORK/logs/train_$name.log" 2>&1
+  rc=$?
+  log "train $name exit $rc"
+  [ $rc = 0 ] && touch "$WORK/runs/$name/done"
 }
 synth() {  # name kind args...
   local name=$1
@@ -48,14 +57,21 @@ log "start"
 want rsfiqa && train rsfiqa rsfiqa --preset starter --labels "$DATA/biq2021/train.csv" --val "$DATA/biq2021/val.csv" \
   --epochs "$EPOCHS_RSFIQA" --batch-size 32 -j "$J" &
 want ugdiml && ( synth forgery forgery --n "$N_FORGERY" --seed 11 -j "$J"
-  train ugdiml ugdiml --preset starter --labels "$WORK/forgery/train.csv" --val "$WORK/forgery/val.csv" \
+  head -n $(( N_VAL_UGDIML + 1 )) "$WORK/forgery/val.csv" > "$WORK/forgery/val_epoch.csv"
+  train ugdiml ugdiml --preset starter --labels "$WORK/forgery/train.csv" --val "$WORK/forgery/val_epoch.csv" \
     --epochs "$EPOCHS_UGDIML" --batch-size 32 -j "$J" ) &
 want clifvqa && ( synth video video --n "$N_VIDEO" --seed 7 --size 224x224 --frames 32 -j "$J"
   train clifvqa clifvqa --preset starter --labels "$WORK/video/train.csv" --val "$WORK/video/val.csv" \
     --epochs "$EPOCHS_CLIFVQA" --batch-size 16 -j "$J" ) &
 want ugdiml && synth forgery_jpeg forgery --n "$N_FORGERY_TEST" --seed 11 --jpeg 1 -j 2 &  # n >= 500: the same photo split
 wait
-log "trainings done"
+cut=""
+for m in $MODELS; do [ -f "$WORK/runs/$m/done" ] || cut="$cut $m"; done
+if [ -n "$cut" ] && [ "${FINAL:-0}" != 1 ]; then
+  log "cut by the deadline:$cut; run the same command again to go on (FINAL=1: pack the best epochs so far)"
+  exit 3
+fi
+log "trainings done${cut:+ (cut:$cut)}"
 
 # ---- pack (fp16) and evaluate the packed files on held-out data ----
 pack() {  # name checkpoint data licence extra...

@@ -135,13 +135,35 @@ def test_deterministic_and_batch_independent(videos):
     assert not bare[0].artefacts and "frame" not in samples[0].keep
 
 
-@pytest.mark.parametrize("variant,sampler", [("mixed", "uniform"), ("decoupled", "framediff")])
+@pytest.mark.parametrize("variant,sampler", [("mixed", "uniform"), ("decoupled", "framediff"), ("mixed", "pairs")])
 def test_rows_have_every_feeling_column(videos, variant, sampler):
     model = model_for(variant=variant, sampler=sampler)
     [out], [sample] = score(model, videos[:1])
     assert set(CLiFVQA.spec.columns) | {"score"} == set(out.columns)
     assert all(0.0 <= out.columns[k] <= 1.0 for k in CLiFVQA.spec.columns)
     assert len(sample.facts["frames_used"]) == 4 and ("frames" in sample.inputs) == (variant == "decoupled")
+
+
+def test_pairs_sampler_decodes_exact_pairs_and_sees_holds(tmp_path):
+    """Consecutive pairs, decoded exactly even with frame_slack (a pair moved onto one frame would
+    look like a hold), and the head gets each pair's change: near zero for the smallest pair of
+    a clip whose pictures are each shown twice, not for the same motion without holds."""
+    rng = np.random.default_rng(3)
+    moving = texture(rng, 16, 48, 80)
+    held = moving[np.arange(16) // 2 * 2]  # every picture shown twice
+    items = [make_video(tmp_path / "moving.mp4", moving), make_video(tmp_path / "held.mp4", held)]
+    model = model_for(sampler="pairs", frames=8, frame_slack=2)
+    seen = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    (a, b), samples = score(model, items)
+    assert samples[0].facts["frames_used"] == samples[1].facts["frames_used"] == [0, 1, 5, 6, 9, 10, 14, 15]
+    c = model.spatial.num_features
+    change_mean, change_min = seen[0][:, 2 * c : 3 * c], seen[0][:, 3 * c : 4 * c]  # (2, C): moving, held
+    assert change_min[1].abs().max() < 0.1 * change_min[0].abs().mean()
+    assert change_mean[1].mean() < change_mean[0].mean()
+    assert a.columns["score"] != pytest.approx(b.columns["score"], abs=1e-5)
+    with pytest.raises(ValueError, match="even"):
+        model_for(sampler="pairs", frames=3)
 
 
 def test_zero_shot_score_is_the_mean_feeling(videos):

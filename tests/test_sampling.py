@@ -15,6 +15,7 @@ from qscore.media.sampling import (
     fragments,
     framediff_indices,
     normalize,
+    pairs_indices,
     sliding_windows,
     squash_resize,
     to_tensor,
@@ -31,6 +32,15 @@ def coords(t: int, h: int, w: int) -> torch.Tensor:
 
 
 # ---- frame indices --------------------------------------------------------------------------
+def test_pairs_indices():
+    assert pairs_indices(32, 8) == [0, 1, 10, 11, 20, 21, 30, 31]
+    assert pairs_indices(2, 4) == [0, 1, 0, 1]
+    assert pairs_indices(1, 2) == [0, 0]
+    for n in (0, 3):
+        with pytest.raises(ValueError):
+            pairs_indices(10, n)
+
+
 def test_uniform_indices():
     assert uniform_indices(10, 4) == [0, 3, 6, 9]
     assert uniform_indices(100, 8) == np.round(np.linspace(0, 99, 8)).astype(int).tolist()

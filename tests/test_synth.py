@@ -202,6 +202,18 @@ def test_video_clips_are_held_out_by_split_and_deterministic(tmp_path):
         synth.generate_video(tmp_path / "d", 2, workers=0, **{**kw, "clips": tmp_path / "missing"})
 
 
+def test_few_sources_give_each_split_its_share_of_the_samples():
+    """Three clips, one per split: 70 / 15 / 15 % of the clip samples, not a third each."""
+    order, split = synth.source_order(3, 600, seed=7, stream=1)
+    picked = synth.sources_by_share(order, split, 600)
+    counts = {s: sum(1 for _, name in picked if name == s) for s in ("train", "val", "test")}
+    assert counts == {"train": 420, "val": 90, "test": 90}
+    assert all(split[list(order).index(j)] == name for j, name in picked)  # each clip stays in its split
+    order, split = synth.source_order(7, 100, seed=0)
+    picked = synth.sources_by_share(order, split, 100)
+    assert {j for j, name in picked if name == "train"} == {int(o) for o, s in zip(order, split) if s == "train"}
+
+
 def test_clip_window_follows_the_clip_and_plays_back_when_short():
     path = str(PRISTINE.parent / "video" / "carphone_pristine.mp4")
     if not Path(path).is_file():

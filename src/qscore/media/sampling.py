@@ -58,18 +58,46 @@ def framediff_indices(reader, n: int, probe: int = 64, size: tuple[int, int] = (
     return [probes[int(seg[int(torch.argmax(change[seg]))])] for seg in segments]
 
 
-FRAME_SAMPLERS = ("uniform", "framediff")
+def pairs_indices(n_frames: int, n: int) -> list[int]:
+    """``n / 2`` evenly spaced frames, each followed by the next one: [a0, a0 + 1, a1, a1 + 1, ...].
+    Uniform frames a second or more apart cannot tell a held picture (stutter, dropped frames)
+    from motion; a consecutive pair can (the same picture twice, or not)."""
+    if n < 2 or n % 2:
+        raise ValueError(f"the pairs sampler takes an even number of frames, got {n}")
+    if n_frames < 2:
+        return uniform_indices(n_frames, n)
+    return [a + k for a in uniform_indices(n_frames - 1, n // 2) for k in (0, 1)]
+
+
+FRAME_SAMPLERS = ("uniform", "framediff", "pairs")
 
 
 def select_frames(reader, n: int, sampler: str = "uniform", slack: int = 0) -> list[int]:
-    """``n`` frame indices by the named sampler: ``uniform`` (evenly spaced) or ``framediff``
+    """``n`` frame indices by the named sampler: ``uniform`` (evenly spaced), ``framediff``
     (the frame of largest change in each of ``n`` equal segments; its probes may move ``slack``
-    frames to reference frames, see ``VideoReader.frames_near``)."""
+    frames to reference frames, see ``VideoReader.frames_near``) or ``pairs`` (consecutive
+    pairs, see ``pairs_indices``)."""
     if sampler == "framediff":
         return framediff_indices(reader, n, slack=slack)
     if sampler == "uniform":
         return uniform_indices(reader.n_frames, n)
+    if sampler == "pairs":
+        return pairs_indices(reader.n_frames, n)
     raise ValueError(f"sampler must be one of {', '.join(FRAME_SAMPLERS)}, got {sampler!r}")
+
+
+def check_sampler(sampler: str, n: int) -> None:
+    """A model config's sampler and frame count, checked when the model is built (not per file)."""
+    if sampler not in FRAME_SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(FRAME_SAMPLERS)}, got {sampler!r}")
+    if n < 1 or (sampler == "pairs" and n % 2):
+        raise ValueError(f"{n} frames: the {sampler} sampler needs {'an even number' if sampler == 'pairs' else 'at least one'}")
+
+
+def decode_slack(sampler: str, slack: int) -> int:
+    """How far a sampled frame may move to a reference frame when decoded: ``slack``, except for
+    ``pairs``, which decode exactly (a pair's second frame moved onto its first would be a hold)."""
+    return 0 if sampler == "pairs" else slack
 
 
 # ---- tensors ------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ A frozen CLIP scores antonym prompt pairs ("a sharp video frame" / "a blurry vid
 on a grid of native-resolution windows of each sampled frame; the per-window probabilities are
 averaged into a feeling vector and also mapped back to frame positions as the video's heatmap.
 A trainable timm 2D backbone over FAST-VQA fragments (temporal mean and std; the std sees
-flicker) gives spatial features; an MLP fuses [spatial ; feelings ; mean CLIP embedding] into
+flicker; with the ``pairs`` sampler also how much each consecutive pair changes, which sees
+held pictures) gives spatial features; an MLP fuses [spatial ; feelings ; mean CLIP embedding] into
 the score. Variants: ``mixed`` (the paper: every pair on the windows) and ``decoupled``
 (CLiF-VQA+: objective pairs on the native windows, subjective pairs on the downscaled whole
 frame). Without a trained head the score is the mean feeling probability (zero-shot,
@@ -24,7 +25,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, normalize
+from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, check_sampler, decode_slack, normalize
 from qscore.models.base import Model, ModelSpec
 from qscore.models.clip_common import AntonymPrompts, build_clip, encode_images
 from qscore.types import Item, MissingWeights, Output, Sample
@@ -55,7 +56,7 @@ def feeling_name(positive: str) -> str:
 class CLiFVQAConfig:
     variant: str = "mixed"  # "mixed" (paper) | "decoupled" (CLiF-VQA+)
     frames: int = 8
-    sampler: str = "uniform"  # "uniform" | "framediff"
+    sampler: str = "uniform"  # "uniform" | "framediff" | "pairs" (consecutive pairs: the spatial branch also sees holds)
     frame_slack: int = 1  # a frame may move this far to a reference frame (B-frames not decoded); 0: exact
     clip_arch: str = "ViT-B-16"
     clip_tiny: bool = False  # a tiny random CLIP (tests, tiny preset)
@@ -79,10 +80,9 @@ class CLiFVQAConfig:
 def _check(config: CLiFVQAConfig) -> None:
     if config.variant not in ("mixed", "decoupled"):
         raise ValueError(f"variant {config.variant!r}: choose mixed or decoupled")
-    if config.sampler not in ("uniform", "framediff"):
-        raise ValueError(f"sampler {config.sampler!r}: choose uniform or framediff")
-    if len(config.window_grid) != 2 or min(config.window_grid) < 1 or config.frames < 1:
-        raise ValueError("window_grid needs two positive numbers (rows x columns) and frames >= 1")
+    check_sampler(config.sampler, config.frames)
+    if len(config.window_grid) != 2 or min(config.window_grid) < 1:
+        raise ValueError("window_grid needs two positive numbers (rows x columns)")
 
 
 @dataclass
@@ -181,7 +181,8 @@ class CLiFVQA(Model):
         self.feeling_names = [feeling_name(p) for p, _ in objective + subjective]
         self.clip_norm = (mean, std)
         self.spatial = timm.create_model(config.spatial_backbone, pretrained=False, num_classes=0)
-        width = 2 * self.spatial.num_features + len(self.feeling_names) + self.clip.text_projection.shape[1]
+        stats = 4 if config.sampler == "pairs" else 2  # temporal mean, std (+ pair change: mean, min)
+        width = stats * self.spatial.num_features + len(self.feeling_names) + self.clip.text_projection.shape[1]
         self.head = nn.Sequential(
             nn.LayerNorm(width), nn.Linear(width, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1)
         )
@@ -235,7 +236,7 @@ class CLiFVQA(Model):
         return CLiFVQAPrepare(
             frames=c.frames,
             sampler=c.sampler,
-            slack=c.frame_slack,
+            slack=decode_slack(c.sampler, c.frame_slack),
             window=self.window,
             grid=tuple(c.window_grid),
             whole=c.variant == "decoupled",
@@ -272,8 +273,12 @@ class CLiFVQA(Model):
             out["score"] = feelings.mean(1)
             return out
         frags = normalize(batch["fragments"].flatten(0, 1).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
-        per_frame = self.spatial(frags).float().view(b, t, -1)
-        spatial = torch.cat([per_frame.mean(1), per_frame.std(1, correction=0)], dim=1)  # (B, 2C)
+        per_frame = self.spatial(frags).float().view(b, t, -1)  # (B, T, C)
+        stats = [per_frame.mean(1), per_frame.std(1, correction=0)]
+        if self.config.sampler == "pairs":  # how far each pair's second frame moved from its first: a hold barely does
+            change = (per_frame[:, 1::2] - per_frame[:, 0::2]).abs()  # (B, T / 2, C)
+            stats += [change.mean(1), change.amin(1)]
+        spatial = torch.cat(stats, dim=1)  # (B, 2C), pairs (B, 4C)
         fused = torch.cat([spatial, feelings, emb.mean(1)], dim=1)
         out["score"] = self.head(fused).squeeze(1)
         return out

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qscore.media.sampling import FRAME_SAMPLERS, channels_first, normalize, select_frames
+from qscore.media.sampling import channels_first, check_sampler, decode_slack, normalize, select_frames
 from qscore.media.video import open_video
 from qscore.models.base import Model, ModelSpec
 from qscore.types import Item, MissingWeights, Output, Sample
@@ -109,7 +109,7 @@ def create_backbone(arch: str) -> tuple[nn.Module, Any]:
 class QCLIPConfig:
     backbone: str = PE_L14  # open_clip model name (PE-Core family) or a LOCAL_ARCHS key
     frames: int = 8  # frames per video
-    sampler: str = "uniform"  # uniform (released code) | framediff (largest change per segment)
+    sampler: str = "uniform"  # uniform (released code) | framediff (largest change per segment) | pairs (consecutive pairs)
     frame_slack: int = 1  # a frame may move this far to a reference frame (B-frames not decoded); 0: exact
     adapted_blocks: int = 6  # SCMA after each of the last N blocks of both towers
     bottleneck: int = 128  # SCMA / projection adapter hidden width
@@ -182,8 +182,7 @@ class QCLIP(Model):
 
     def __init__(self, config: QCLIPConfig):
         super().__init__(config)
-        if config.sampler not in FRAME_SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(FRAME_SAMPLERS)}, got {config.sampler!r}")
+        check_sampler(config.sampler, config.frames)
         self.clip, tokenizer = create_backbone(config.backbone)
         trunk, text = self.clip.visual.trunk, self.clip.text
         width = trunk.embed_dim
@@ -265,7 +264,7 @@ class QCLIP(Model):
 
     # ---- the four steps ----------------------------------------------------------------------------
     def preparer(self, train: bool = False) -> QCLIPPrepare:
-        return QCLIPPrepare(self.config.frames, self.size, self.config.sampler, self.config.frame_slack)  # no augmentation (released code)
+        return QCLIPPrepare(self.config.frames, self.size, self.config.sampler, decode_slack(self.config.sampler, self.config.frame_slack))  # no augmentation (released code)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """frames: uint8 (B, T, 3, S, S) -> score (B,), sims (B, 5) cosine per quality level."""

@@ -127,6 +127,22 @@ def sample_source(i: int, order: np.ndarray, split: list[str]) -> tuple[int, str
     return int(order[j]), split[j]
 
 
+def sources_by_share(order: np.ndarray, split: list[str], n: int) -> list[tuple[int, str]]:
+    """(source, split) of n samples from a few sources (the real clips): each split gets its
+    SPLITS share of the samples, round-robin over its own sources. ``sample_source`` gives every
+    source the same number of samples, which with three clips, one per split, would put a third
+    of the clip samples in test."""
+    shares = {name: share for name, share in SPLITS if name in split}
+    members = {name: [int(order[j]) for j, s in enumerate(split) if s == name] for name in shares}
+    counts = dict.fromkeys(shares, 0)
+    picked = []
+    for _ in range(n):
+        name = min(shares, key=lambda s: (counts[s] + 1) / shares[s])  # the split furthest below its share
+        picked.append((members[name][counts[name] % len(members[name])], name))
+        counts[name] += 1
+    return picked
+
+
 # ---- video quality -----------------------------------------------------------------------------
 def video_mos(distortions: dict[str, int]) -> float:
     """The clip's score from its distortion levels: prod (1 - severity); 1.0 when pristine."""
@@ -295,7 +311,8 @@ def generate_video(
     """Write ``n`` clips under ``out/clips`` plus labels.csv (all columns) and
     train/val/test.csv (``path,mos``); returns labels.csv. ``round(clip_fraction * n)`` of the
     samples are windows of the real clips under ``clips`` (see ``source_clips``), the rest pan +
-    zoom over photos; each photo and each clip belongs to one split."""
+    zoom over photos; each photo and each clip belongs to one split, and each split gets its
+    share of the clip samples (``sources_by_share``)."""
     _check_n(n)
     if min(size) < 16 or any(v % 2 for v in size):
         raise SynthError(f"--size must be even and at least 16x16 (H.264 4:2:0), got {size[0]}x{size[1]}")
@@ -309,12 +326,12 @@ def generate_video(
     from_clip[np.random.default_rng([seed, 4]).permutation(n)[:n_clip]] = True
     photos = pristine_photos(pristine) if n_clip < n else []
     order, split = source_order(len(photos), n - n_clip, seed) if photos else (None, None)
-    clip_order, clip_split = source_order(len(videos), n_clip, seed, stream=1) if n_clip else (None, None)
+    clip_sources = sources_by_share(*source_order(len(videos), n_clip, seed, stream=1), n_clip) if n_clip else []
     (Path(out) / "clips").mkdir(parents=True, exist_ok=True)
     tasks, k_photo, k_clip = [], 0, 0
     for i in range(n):
         if from_clip[i]:
-            j, s = sample_source(k_clip, clip_order, clip_split)
+            j, s = clip_sources[k_clip]
             tasks.append(VideoTask(i, seed, str(videos[j]), s, str(out), tuple(size), frames, fps, clip=True))
             k_clip += 1
         else:
