@@ -37,7 +37,10 @@ def main() -> None:
         config = dict(card.get("config", {}))
         for kv in args.sets:
             key, value = kv.split("=", 1)
-            config[key] = value
+            try:
+                config[key] = json.loads(value)  # false, 3, [2, 2] as JSON values; anything else a string
+            except ValueError:
+                config[key] = value
         starter = {"data": args.data, "licence": args.licence, "command": args.command, "device": args.device,
                    "epoch": card.get("epoch"), "validation": card.get("metrics"), "dtype": "float16", "held_out": {}}
         card = {**card, "config": config, "starter": starter, "licence": args.licence}

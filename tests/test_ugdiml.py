@@ -264,3 +264,41 @@ def test_x0_prediction_learns_the_mask_with_its_loss(tmp_path):
     assert ((prob > 0.5) == mask[:, 0].bool()).float().mean() > 0.9
     with pytest.raises(ValueError, match="epsilon or sample"):
         make_model(prediction="x0")
+
+
+def test_pad_fit_keeps_the_pixels_and_maps_back_only_the_image(tmp_path):
+    """image_fit = pad: an image that fits the square keeps its pixels (no resampling: the traces
+    stay), zeros around it; the training mask sits where the image sits; the maps written back
+    are the image's part of the square, not its padding; a larger image is scaled down, aspect kept."""
+    from qscore.media.sampling import IMAGENET_MEAN, IMAGENET_STD, normalize, to_tensor
+
+    model = make_model(image_scale=4, image_fit="pad")  # mask 32, images on a 128 square
+    pixels = np.random.default_rng(5).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "f.png")
+    mask = np.zeros((40, 60), np.uint8)
+    mask[:, 30:] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    item = item_for(tmp_path / "f.png", mask=str(tmp_path / "m.png"))
+    sample = model.preparer()(item)
+    forged = sample.inputs["forged"]
+    assert forged.shape == (3, 128, 128) and sample.keep["placed"] == (40, 60)
+    torch.testing.assert_close(forged[:, :40, :60], normalize(to_tensor(pixels[None]), IMAGENET_MEAN, IMAGENET_STD)[0])
+    assert not forged[:, 40:].any() and not forged[:, :, 60:].any()
+    target = model.preparer(train=True)
+    target._augmentation = lambda: ((0.0, 0.0, 1.0, 1.0), False)  # the whole image, not flipped
+    placed_mask = target(item).inputs["mask"][0]  # (32, 32): the image covers 10 x 15 cells of 4 px
+    expected = torch.zeros(32, 32)
+    expected[:10, 8:15] = 1  # its right half, columns 30-59: cells 8-14 (cell 7 is half in)
+    assert torch.equal(placed_mask, expected)
+    image_cells = torch.zeros(1, 32, 32)
+    image_cells[:, :12, :17] = 1.0  # probability 1 over the image (and a little beyond), 0 on the padding
+    outputs = {"prob": image_cells, "std": torch.zeros(1, 32, 32), "score": torch.ones(1)}
+    [out] = model.postprocess(outputs, [sample])
+    assert out.artefacts["mask"].shape == (40, 60) and out.artefacts["mask"].all()
+    outputs["prob"] = 1 - image_cells  # only the padding: nothing on the image
+    [out] = model.postprocess(outputs, [sample])
+    assert not out.artefacts["mask"].any()
+    Image.fromarray(np.zeros((300, 150, 3), np.uint8)).save(tmp_path / "big.png")
+    assert model.preparer()(item_for(tmp_path / "big.png")).keep["placed"] == (128, 64)
+    with pytest.raises(ValueError, match="image_fit"):
+        make_model(image_fit="stretch")

@@ -59,6 +59,7 @@ class UGDIMLConfig:
     groups: int = 8  # GroupNorm groups
     cond_channels: int = 32  # Condition Control Module output, concatenated with x_t
     image_scale: int = 1  # the images enter at (size x image_scale)^2, strided down to size once per file
+    image_fit: str = "squash"  # "squash": resized to the square (aspect ignored); "pad": pixels kept as they are on a zero-padded square (scaled down, aspect kept, only if larger)
     ciml_prob: float = 0.5  # training: share of pairs with a reference trained as CIML
     crop_min: float = 0.5  # training: smallest random crop, as a fraction of the image area
     lr: float = 3e-4  # training: AdamW learning rate (`qscore train --lr` overrides it)
@@ -154,6 +155,8 @@ class UGDIML(Model):
             raise ValueError(f"mode must be iml or ciml, got {config.mode!r}")
         if config.prediction not in ("epsilon", "sample"):
             raise ValueError(f"prediction must be epsilon or sample, got {config.prediction!r}")
+        if config.image_fit not in ("squash", "pad"):
+            raise ValueError(f"image_fit must be squash or pad, got {config.image_fit!r}")
         levels = len(config.channels)
         attention = [i >= levels - config.attention_levels for i in range(levels)]
         self.condition = ConditionControl(config.cond_channels, config.groups, config.image_scale)
@@ -177,7 +180,7 @@ class UGDIML(Model):
     # ---- data ----------------------------------------------------------------------------
     def preparer(self, train: bool = False) -> "UGDIMLPrepare":
         c = self.config
-        return UGDIMLPrepare(c.size, c.mode == "ciml", c.samples, c.seed, train, c.crop_min, c.size * c.image_scale)
+        return UGDIMLPrepare(c.size, c.mode == "ciml", c.samples, c.seed, train, c.crop_min, c.size * c.image_scale, c.image_fit)
 
     # ---- model ---------------------------------------------------------------------------
     def denoise(self, x_t: Tensor, t: Tensor, features: Tensor, ciml: Tensor) -> Tensor:
@@ -223,11 +226,16 @@ class UGDIML(Model):
         return F.mse_loss(predicted, x0) + dice_loss((predicted.clamp(-1, 1) + 1) / 2, mask)
 
     def postprocess(self, outputs: dict[str, Tensor], samples) -> list[Output]:
-        """Maps back to each file's original size: binary mask (0/255), P x 255 and std / 0.5 x 255."""
+        """Maps back to each file's original size: binary mask (0/255), P x 255 and std / 0.5 x 255.
+        With ``image_fit = pad`` only the maps' part over the image (not its padding) is kept."""
         results = []
+        side = self.config.size * self.config.image_scale
         for i, sample in enumerate(samples):
             h, w = sample.keep["size"]
-            maps = torch.stack([outputs["prob"][i], outputs["std"][i]]).float()[None]
+            maps = torch.stack([outputs["prob"][i], outputs["std"][i]]).float()[None]  # (1, 2, S, S)
+            if self.config.image_fit == "pad":
+                ph, pw = sample.keep["placed"]
+                maps = F.interpolate(maps, size=(side, side), mode="bilinear", align_corners=False)[..., :ph, :pw]
             prob, std = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
             mask = prob > self.config.threshold
             score = float(outputs["score"][i])
@@ -249,10 +257,12 @@ class UGDIML(Model):
 
 @dataclass
 class UGDIMLPrepare:
-    """Item -> Sample: forged (and reference) image resized to image_size^2 and normalised, and
-    the K initial noise maps (size^2) drawn from the file's seed. ``train``: the GT mask
-    instead of the noise, and one random crop and flip applied alike to image, reference and
-    mask."""
+    """Item -> Sample: forged (and reference) image normalised on an image_size^2 square, and the K
+    initial noise maps (size^2) drawn from the file's seed. ``fit = squash`` resizes the image
+    to the square; ``pad`` keeps its pixels (top-left, zeros around; only an image larger than
+    the square is scaled down), so that the traces IML reads (JPEG's 8-pixel grid, resampling,
+    noise) are not resampled away. ``train``: the GT mask instead of the noise, and one random
+    crop and flip applied alike to image, reference and mask."""
 
     size: int
     ciml: bool
@@ -261,6 +271,7 @@ class UGDIMLPrepare:
     train: bool = False
     crop_min: float = 0.5
     image_size: int = 0  # the images' side; 0: size
+    fit: str = "squash"
 
     def __post_init__(self) -> None:
         self.image_size = self.image_size or self.size
@@ -271,17 +282,18 @@ class UGDIMLPrepare:
         reference = self._reference(item, (height, width), facts)
         box, flip = self._augmentation() if self.train else ((0.0, 0.0, 1.0, 1.0), False)
         side = self.image_size
+        placed = self._placed(height, width, box)
         inputs = {
-            "forged": self._image(forged, box, flip),
-            "reference": torch.zeros(3, side, side) if reference is None else self._image(reference, box, flip),
+            "forged": self._image(forged, box, flip, placed),
+            "reference": torch.zeros(3, side, side) if reference is None else self._image(reference, box, flip, placed),
             "ciml": torch.tensor(reference is not None),
         }
         if self.train:
-            inputs["mask"] = self._mask(item.mask, box, flip)
+            inputs["mask"] = self._mask(item.mask, box, flip, placed)
         else:
             generator = torch.Generator().manual_seed(item.seed(self.seed))
             inputs["noise"] = torch.randn((self.samples, self.size, self.size), generator=generator)
-        return Sample(item, inputs, facts, {"size": (height, width)})
+        return Sample(item, inputs, facts, {"size": (height, width), "placed": placed})
 
     def _reference(self, item: Item, size: tuple[int, int], facts: dict) -> np.ndarray | None:
         """The authentic source (CIML; in training whenever the item has one), or None."""
@@ -308,24 +320,45 @@ class UGDIMLPrepare:
         top, left = (torch.rand(2) * (1 - side)).tolist()
         return (top, left, side, side), bool(torch.rand(()) < 0.5)
 
-    def _resize(self, x: Tensor, box: tuple[float, float, float, float], flip: bool, side: int) -> Tensor:
-        """(N, C, H, W) -> crop ``box`` (fractions) -> (N, C, side, side), flipped left-right."""
-        h, w = x.shape[-2:]
+    @staticmethod
+    def _crop(h: int, w: int, box: tuple[float, float, float, float]) -> tuple[slice, slice]:
         top, left, bh, bw = box
         y0, x0 = round(top * h), round(left * w)
-        x = x[..., y0 : y0 + max(1, round(bh * h)), x0 : x0 + max(1, round(bw * w))]
-        x = squash_resize(x, (side, side))
+        return slice(y0, y0 + max(1, round(bh * h))), slice(x0, x0 + max(1, round(bw * w)))
+
+    def _placed(self, h: int, w: int, box) -> tuple[int, int]:
+        """(h, w) the image's crop takes on the image_size square: all of it (squash), or its own
+        size, scaled down with its aspect only when it is larger than the square (pad)."""
+        if self.fit == "squash":
+            return self.image_size, self.image_size
+        rows, cols = self._crop(h, w, box)
+        ch, cw = rows.stop - rows.start, cols.stop - cols.start
+        scale = min(1.0, self.image_size / max(ch, cw))
+        return max(1, round(ch * scale)), max(1, round(cw * scale))
+
+    def _resize(self, x: Tensor, box, flip: bool, hw: tuple[int, int]) -> Tensor:
+        """(N, C, H, W) -> crop ``box`` (fractions) -> (N, C, *hw), flipped left-right."""
+        rows, cols = self._crop(*x.shape[-2:], box)
+        x = squash_resize(x[..., rows, cols], hw)
         return x.flip(-1) if flip else x
 
-    def _image(self, pixels: np.ndarray, box, flip: bool) -> Tensor:
-        """uint8 (H, W, 3) -> normalised (3, image_size, image_size)."""
-        pixels = self._resize(to_tensor(pixels[None]), box, flip, self.image_size)
-        return normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)[0]
+    def _pad(self, x: Tensor) -> Tensor:
+        """(..., h, w) -> (..., image_size, image_size), zeros right and below."""
+        return F.pad(x, (0, self.image_size - x.shape[-1], 0, self.image_size - x.shape[-2]))
 
-    def _mask(self, path: str | None, box, flip: bool) -> Tensor:
-        """GT mask file (``load_mask``: brightest channel > 127 is manipulated) -> {0, 1} (1, size, size);
-        no file: an authentic image, all zeros."""
+    def _image(self, pixels: np.ndarray, box, flip: bool, placed: tuple[int, int]) -> Tensor:
+        """uint8 (H, W, 3) -> normalised (3, image_size, image_size); padding is 0 (the mean colour)."""
+        pixels = self._resize(to_tensor(pixels[None]), box, flip, placed)
+        return self._pad(normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)[0])
+
+    def _mask(self, path: str | None, box, flip: bool, placed: tuple[int, int]) -> Tensor:
+        """GT mask file (``load_mask``: brightest channel > 127 is manipulated) -> {0, 1} (1, size, size),
+        placed as the image is; no file: an authentic image, all zeros."""
         if path is None:
             return torch.zeros(1, self.size, self.size)
         mask = torch.from_numpy(load_mask(path)).float()[None, None]
-        return (self._resize(mask, box, flip, self.size)[0] > 0.5).float()
+        if self.fit == "pad":  # on the image's square first, then the mean of each cell's pixels
+            mask = F.avg_pool2d(self._pad(self._resize(mask, box, flip, placed)), self.image_size // self.size)
+        else:
+            mask = self._resize(mask, box, flip, (self.size, self.size))
+        return (mask[0] > 0.5).float()
