@@ -253,6 +253,30 @@ def test_forgery_train_and_eval_with_ugdiml_tiny(tmp_path):
     assert card["metrics"]["n_manipulated"] + card["metrics"]["n_authentic"] == 6
 
 
+def test_forgery_metrics_read_the_map_the_row_writes(tmp_path):
+    """With image_fit = pad the model's square holds the image and its padding: the metrics read
+    the probability map postprocess writes (the image's part, at the file's size), not the square.
+    A model whose map is 1 over the image's cells and 0 on the padding scores F1 1 on a fully
+    manipulated image."""
+    from PIL import Image
+
+    from qscore.models.ugdiml import UGDIML
+
+    Image.fromarray(np.full((40, 60, 3), 80, np.uint8)).save(tmp_path / "f.png")
+    Image.fromarray(np.full((40, 60), 255, np.uint8)).save(tmp_path / "m.png")
+    (tmp_path / "labels.csv").write_text("forged,reference,mask\nf.png,,m.png\n")
+    model = UGDIML(UGDIML.make_config("tiny", image_scale=4, image_fit="pad")).eval()  # 32 cells over a 128 square
+
+    def forward(batch):
+        prob = torch.zeros(len(batch["ciml"]), 32, 32)
+        prob[:, :12, :17] = 1.0  # the image covers 10 x 15 cells, top-left
+        return {"score": prob.flatten(1).amax(1), "prob": prob, "std": torch.zeros_like(prob)}
+
+    model.forward = forward
+    metrics, rows = evaluate(model, read_labels(tmp_path / "labels.csv", "forgery"), torch.device("cpu"), 1, 0)
+    assert metrics["f1"] == pytest.approx(1.0) and rows[0]["f1"] == pytest.approx(1.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_training_and_eval_on_cuda(tmp_path, data):

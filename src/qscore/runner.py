@@ -307,15 +307,13 @@ def chunk_size(n_files: int, batch_size: int, workers: int) -> int:
 
 @dataclass
 class Result:
-    """One file's outcome, as the engine hands it over: its ``output`` (None for an error),
-    ``raw`` (its slice of the forward's outputs, on the CPU, for callers that need more than the
-    row: evaluation's probability maps) and this file's share of its batch's forward time."""
+    """One file's outcome, as the engine hands it over: its ``output`` (None for an error) and
+    this file's share of its batch's forward time."""
 
     item: Item
     facts: dict[str, Any]
     output: Output | None = None
     error: str | None = None
-    raw: dict[str, Any] | None = None
     model_ms: float | None = None
 
 
@@ -448,8 +446,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             self.emit([Result(s.item, s.facts, error=f"postprocess: {describe(e)}") for s in samples])
             return
-        self.emit([Result(s.item, s.facts, r, raw=_file_slice(outputs, i), model_ms=per_file_ms)
-                   for i, (s, r) in enumerate(zip(samples, outputs_of))])
+        self.emit([Result(s.item, s.facts, r, model_ms=per_file_ms) for s, r in zip(samples, outputs_of)])
 
     def _emit(self, results: list[Result]) -> None:
         if results:
@@ -466,11 +463,6 @@ class Engine:
         while self._queued:
             self._queued.popleft().result()
         self._writer.shutdown()
-
-
-def _file_slice(outputs: dict[str, Any], i: int) -> dict[str, Any]:
-    """File ``i``'s part of a batch's outputs (views: dim 0 is the file)."""
-    return {k: v[i] if torch.is_tensor(v) else v for k, v in outputs.items()}
 
 
 class RowMaker:

@@ -246,9 +246,10 @@ def evaluate(
     """Score every labelled file through the runner's engine (its OOM back-off, per-file
     isolation and ``postprocess``); returns (metrics, one row per file).
 
-    Quality: SRCC/PLCC/KRCC/RMSE of the scores vs the targets. Forgery: the model's
-    ``outputs["prob"]`` (H, W) resized to each GT mask, the score for image AUC. Files that fail
-    get a row with their error and are left out of the metrics.
+    Quality: SRCC/PLCC/KRCC/RMSE of the scores vs the targets. Forgery: the probability map the
+    row's artefact is drawn from (``postprocess``: at the file's own size, only the image's part
+    of the model's square), resized to the GT mask if that differs, and the score for image AUC.
+    Files that fail get a row with their error and are left out of the metrics.
     """
     task = task or model.spec.task
     was_training = model.training
@@ -274,9 +275,11 @@ def evaluate(
             else:
                 row |= {"status": "ok", "error": None, "prediction": result.output.columns["score"]}
                 if meter is not None:
-                    gt = _gt_mask(result.item.mask, result.raw["prob"].shape[-2:])
-                    prob = F.interpolate(result.raw["prob"][None, None], size=gt.shape, mode="bilinear", align_corners=False)
-                    inputs = prob[0, 0].numpy(), gt, row["prediction"]
+                    prob = result.output.arrays["probability"]  # (H, W) float at the file's size
+                    gt = _gt_mask(result.item.mask, prob.shape)
+                    if gt.shape != prob.shape:
+                        prob = F.interpolate(torch.as_tensor(prob)[None, None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+                    inputs = prob, gt, row["prediction"]
             with lock:
                 rows[index] = row
                 if meter is None:
