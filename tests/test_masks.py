@@ -45,7 +45,7 @@ def test_ugdiml_training_mask_is_the_same_reading(tmp_path):
     truth = write_mask(path, (255, 0, 0))
     prepare = UGDIMLPrepare(size=16, ciml=False, samples=1, seed=0, train=True)
     for box, flip in [((0.0, 0.0, 1.0, 1.0), False), ((0.25, 0.25, 0.5, 0.5), True)]:
-        got = prepare._mask(path, box, flip)
+        got = prepare._mask(path, box, flip, prepare._placed(*truth.shape, box))
         expected = (prepare._resize(torch.from_numpy(truth).float()[None, None], box, flip, 16)[0] > 0.5).float()
         assert got.shape == (1, 16, 16) and got.sum() > 0
         assert torch.equal(got, expected)
