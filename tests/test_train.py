@@ -287,3 +287,26 @@ def test_bf16_training_and_eval_on_cuda(tmp_path, data):
     model.load(summary["best"], None)
     metrics, _ = evaluate(model.cuda(), read_labels(data / "val.csv", "image"), torch.device("cuda"), 2, 0)
     assert metrics["srcc"] == pytest.approx(card["metrics"]["srcc"], abs=1e-6)
+
+
+def test_workers_hand_over_collated_batches_with_their_targets(data):
+    """Training batches are stacked in the loader's workers; a file that fails is dropped with
+    its target, so every target stays with its file; the samples arrive without their inputs
+    (the batch holds them)."""
+    from qscore.train.loop import _loader
+
+    (data / "img" / "broken.png").write_bytes(b"not a png")
+    rows = (data / "train.csv").read_text().splitlines()
+    (data / "train.csv").write_text("\n".join(rows + ["img/broken.png,0.5"]) + "\n")
+    labels = read_labels(data / "train.csv", "image")
+    mos = {item.path: float(t) for item, t in zip(labels.items, labels.targets)}
+    model = TinyQuality(TinyConfig())
+    seen, failed = 0, []
+    for part in _loader(model, labels, 3, workers=2):
+        chunk = part.chunk
+        failed += [f.item.path for f in chunk.failures]
+        assert chunk.batch is not None and chunk.batch["image"].shape == (len(chunk.samples), 3, 16, 16)
+        assert all(s.inputs == {} for s in chunk.samples)
+        assert part.targets.tolist() == pytest.approx([mos[s.item.path] for s in chunk.samples])
+        seen += len(chunk.samples)
+    assert seen == 8 and [Path(p).name for p in failed] == ["broken.png"]
