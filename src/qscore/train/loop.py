@@ -215,12 +215,14 @@ def validate(model: Model, val_set: Labels, device: torch.device, batch_size: in
 
 
 def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) -> float:
-    """One pass over the shuffled training set; returns the mean loss."""
+    """One pass over the shuffled training set; returns the mean loss. A step's loss is read
+    back (which waits for the GPU) only once the next step is queued, so the GPU does not idle
+    while the main thread copies and launches."""
     _reseed(seed, epoch)
     loader.generator.manual_seed(_epoch_seed(seed, epoch))
     model.train()
     cache = model.cache()
-    losses = []
+    losses, queued = [], None  # queued: the latest step's loss, still on the device
     bar.start(f"epoch {epoch + 1}", len(loader))
     for part in loader:
         chunk = part.chunk
@@ -228,18 +230,30 @@ def _train_epoch(model, loader, optimizer, scheduler, device, seed, epoch, bar) 
             log.warning("training: skipping %s: %s", failure.item.display, failure.error)
         if len(chunk.samples) >= 2:  # correlation losses need two samples
             batch = _to_device(chunk.batch if chunk.batch is not None else model.collate(chunk.samples), device)
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                precompute(model, batch, cache)
-                loss = model.training_loss(batch, torch.as_tensor(part.targets, device=device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            loss = train_step(model, batch, torch.as_tensor(part.targets, device=device), optimizer, cache)
+            if queued is not None:
+                losses.append(float(queued))
+            queued = loss
         scheduler.step()
         bar.advance(note=f"loss {losses[-1] if losses else math.nan:.4f}")
+    if queued is not None:
+        losses.append(float(queued))
     if not losses:
         raise RuntimeError("no training batch had two decodable files: see the warnings above")
     return float(np.mean(losses))
+
+
+def train_step(model: Model, batch: dict, targets: torch.Tensor, optimizer, cache) -> torch.Tensor:
+    """One optimiser step on a batch already on the model's device (bf16 autocast on CUDA);
+    returns the loss, detached and not read back."""
+    device = targets.device
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        precompute(model, batch, cache)
+        loss = model.training_loss(batch, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 # ---- evaluation ----------------------------------------------------------------------------
