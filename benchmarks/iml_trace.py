@@ -4,9 +4,10 @@
 
 Per manipulated image (GT over 0.3 % of it): the local energy of a high-pass residual (8 x 8
 mean of |gray - Gaussian(1 px)(gray)|) as log deviation from the image's median, scored against
-the GT mask as a pixel AUC two ways (lower energy is edited; any deviation is edited), on the
-image as it is and squashed to 512 x 512 first (bilinear, as UGD-IML's starter input).
-Prints the mean AUCs by edit kind and over all.
+the GT mask (``load_mask``) as a tie-aware pixel AUC (``qscore.train.metrics.auc``) two ways
+(lower energy is edited; any deviation is edited), on the image as it is and squashed to
+512 x 512 first (bilinear, as UGD-IML's starter input). Prints the mean AUCs by edit kind and
+over all.
 """
 
 from __future__ import annotations
@@ -17,14 +18,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter, uniform_filter
-from scipy.stats import rankdata
 
-
-def pixel_auc(score: np.ndarray, edited: np.ndarray) -> float:
-    """Tie-aware AUC of ``score`` for the True pixels of ``edited`` (both flat)."""
-    ranks = rankdata(score)
-    n1 = int(edited.sum())
-    return float((ranks[edited].sum() - n1 * (n1 + 1) / 2) / (n1 * (edited.size - n1)))
+from qscore.media.image import load_mask
+from qscore.train.metrics import auc
 
 
 def deviation(gray: np.ndarray) -> np.ndarray:
@@ -38,7 +34,7 @@ def main(folder: str) -> None:
     rows = []
     for _, r in labels[labels["mask"].notna()].iterrows():
         gray = np.asarray(Image.open(f"{folder}/{r['forged']}").convert("L"), np.float32)
-        mask = np.asarray(Image.open(f"{folder}/{r['mask']}").convert("L")) > 127
+        mask = load_mask(f"{folder}/{r['mask']}")
         if mask.mean() < 0.003:
             continue
         row = {"kind": r["kind"]}
@@ -46,8 +42,8 @@ def main(folder: str) -> None:
                     np.asarray(Image.fromarray(mask).resize((512, 512), Image.NEAREST)))
         for name, (x, m) in {"native": (gray, mask), "squash512": squashed}.items():
             d, m = deviation(x).ravel(), m.ravel()
-            row[f"{name} lower"] = pixel_auc(-d, m)
-            row[f"{name} any"] = pixel_auc(np.abs(d), m)
+            row[f"{name} lower"] = auc(-d, m)
+            row[f"{name} any"] = auc(np.abs(d), m)
         rows.append(row)
     table = pd.DataFrame(rows)
     by_kind = table.groupby("kind").agg(["mean", "size"]).round(3)
