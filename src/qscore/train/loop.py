@@ -361,7 +361,7 @@ def _loader(model: Model, labels: Labels, batch_size: int, workers: int, pin: bo
     """Training batches (``_TrainChunk``), shuffled by a generator the training loop reseeds
     each epoch. The workers collate (``Model.collate``) as well as prepare, so the main thread
     is left with the step: stacking UGD-IML's starter batch there (192 MB of images per 32)
-    cost 130 ms of its CPU. ``pin``: page-locked batches (CUDA), so the copy is asynchronous."""
+    cost it 179-206 ms of CPU a batch, against 25 ms now (docs/benchmarks.md). ``pin``: page-locked batches (CUDA), so the copy is asynchronous."""
     return DataLoader(
         _Labelled(labels, model.preparer(train=True)),
         batch_size=batch_size,
