@@ -15,13 +15,13 @@
 # clock, counted from the start, data making included. Seeds are fixed: same data, same
 # commands. Run qscore as `python3 -m qscore` with its sources and deps on PYTHONPATH
 # (benchmarks/gpu_env.sh).
-# Sizes and epochs can be made smaller for a smoke run on a CPU (N_FORGERY, N_VIDEO, EPOCHS_*);
+# Sizes, epochs and batches can be made smaller for a smoke run on a CPU (N_FORGERY, N_VIDEO, EPOCHS_*, BATCH_UGDIML);
 # SET_UGDIML=KEY=VALUE adds one --set to UGD-IML's training (e.g. image_fit=pad).
 set -u
 DATA=$1 WORK=$2 BUDGET=${3:-600}
 N_FORGERY=${N_FORGERY:-8000} N_FORGERY_TEST=${N_FORGERY_TEST:-1000} N_VIDEO=${N_VIDEO:-3000} J=${J:-6}
-EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-40} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-24}
-N_VAL_UGDIML=${N_VAL_UGDIML:-160}  # validation edits per epoch: 8 DDIM steps x 4 samples x 2 modes each cost ~20 training samples
+EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-13} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-24}
+N_VAL_UGDIML=${N_VAL_UGDIML:-96}  # validation edits per epoch: 8 DDIM steps x 4 samples x 2 modes each cost ~20 training samples
 MODELS=${MODELS:-"rsfiqa ugdiml clifvqa"}
 want() { [[ " $MODELS " == *" $1 "* ]]; }
 Q="python3 -m qscore"
@@ -60,7 +60,7 @@ want rsfiqa && train rsfiqa rsfiqa --preset starter --labels "$DATA/biq2021/trai
 want ugdiml && ( synth forgery forgery --n "$N_FORGERY" --seed 11 -j "$J"
   head -n $(( N_VAL_UGDIML + 1 )) "$WORK/forgery/val.csv" > "$WORK/forgery/val_epoch.csv"
   train ugdiml ugdiml --preset starter --labels "$WORK/forgery/train.csv" --val "$WORK/forgery/val_epoch.csv" \
-    --epochs "$EPOCHS_UGDIML" --batch-size 32 -j "$J" ${SET_UGDIML:+--set "$SET_UGDIML"} ) &
+    --epochs "$EPOCHS_UGDIML" --batch-size "${BATCH_UGDIML:-32}" -j "$J" ${SET_UGDIML:+--set "$SET_UGDIML"} ) &
 want clifvqa && ( synth video video --n "$N_VIDEO" --seed 7 --size 224x224 --frames 32 -j "$J"
   train clifvqa clifvqa --preset starter --labels "$WORK/video/train.csv" --val "$WORK/video/val.csv" \
     --epochs "$EPOCHS_CLIFVQA" --batch-size 16 -j "$J" ) &

@@ -237,6 +237,23 @@ def test_images_at_a_larger_scale_are_strided_down_to_the_mask_size(tmp_path):
         make_model(image_scale=3)
 
 
+def test_residual_blocks_deepen_the_condition_module_at_every_scale(tmp_path):
+    """cond_blocks = 2 with image_scale = 4: two residual blocks at 4x, 2x and 1x the mask side
+    (six in all), the features still (B, C, S, S); a block starts as more than the identity and
+    its gradient reaches the first convolution."""
+    model = make_model(image_scale=4, cond_blocks=2)
+    blocks = [m for m in model.condition.net if type(m).__name__ == "ResidualBlock"]
+    assert len(blocks) == 6
+    sample = model.preparer()(write_image(tmp_path / "a.png", 50, 70, 1))
+    features = model.condition(sample.inputs["forged"][None], sample.inputs["reference"][None], torch.tensor([False]))
+    side = model.config.size
+    assert features.shape == (1, model.config.cond_channels, side, side)
+    x = torch.randn(1, model.config.cond_channels, 8, 8)
+    assert not torch.allclose(blocks[0](x), torch.nn.functional.silu(x))
+    features.square().mean().backward()
+    assert model.condition.net[0].weight.grad.abs().sum() > 0
+
+
 def test_x0_prediction_learns_the_mask_with_its_loss(tmp_path):
     """prediction = sample: the loss is x0 MSE + Dice, it falls when the model is fitted to one
     batch, and sampling then returns that mask (the DDIM scheduler reads the output as x0)."""

@@ -58,6 +58,7 @@ class UGDIMLConfig:
     head_dim: int = 32
     groups: int = 8  # GroupNorm groups
     cond_channels: int = 32  # Condition Control Module output, concatenated with x_t
+    cond_blocks: int = 0  # residual blocks at each of the Condition Control Module's scales (0: plain convolutions)
     image_scale: int = 1  # the images enter at (size x image_scale)^2, strided down to size once per file
     image_fit: str = "squash"  # "squash": resized to the square (aspect ignored); "pad": pixels kept as they are on a zero-padded square (scaled down, aspect kept, only if larger)
     ciml_prob: float = 0.5  # training: share of pairs with a reference trained as CIML
@@ -71,18 +72,21 @@ class ConditionControl(nn.Module):
     The images may come at ``scale`` x the mask size (a power of two): stride-2 convolutions
     bring them down to S, so the fine traces of an edit (resampling, noise, JPEG grids) that a
     resize to S would erase reach the denoiser; this runs once per file, not at every DDIM
-    step. In IML (``ciml`` False) the reference and the difference are replaced by zeros,
-    whatever was passed, so IML never sees a reference.
+    step. ``blocks`` residual blocks at each scale (full resolution first) give the encoder depth
+    to find such traces where a plain convolution per scale reads little more than the pixels.
+    In IML (``ciml`` False) the reference and the difference are replaced by zeros, whatever was
+    passed, so IML never sees a reference.
     """
 
-    def __init__(self, channels: int, groups: int, scale: int = 1):
+    def __init__(self, channels: int, groups: int, scale: int = 1, blocks: int = 0):
         super().__init__()
         if scale < 1 or scale & (scale - 1):
             raise ValueError(f"image_scale must be a power of two, got {scale}")
         norm = lambda: nn.GroupNorm(math.gcd(groups, channels), channels)  # noqa: E731
-        layers = [nn.Conv2d(9, channels, 3, padding=1), norm(), nn.SiLU()]
+        residual = lambda: [ResidualBlock(channels, norm) for _ in range(blocks)]  # noqa: E731
+        layers = [nn.Conv2d(9, channels, 3, padding=1), norm(), nn.SiLU(), *residual()]
         for _ in range(scale.bit_length() - 1):  # log2(scale) halvings
-            layers += [nn.Conv2d(channels, channels, 3, stride=2, padding=1), norm(), nn.SiLU()]
+            layers += [nn.Conv2d(channels, channels, 3, stride=2, padding=1), norm(), nn.SiLU(), *residual()]
         self.net = nn.Sequential(*layers, nn.Conv2d(channels, channels, 3, padding=1))
 
     def forward(self, forged: Tensor, reference: Tensor, ciml: Tensor) -> Tensor:
@@ -90,6 +94,19 @@ class ConditionControl(nn.Module):
         keep = ciml.to(forged.dtype).view(-1, 1, 1, 1)
         reference = reference * keep
         return self.net(torch.cat([forged, reference, (forged - reference).abs() * keep], 1))
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(SiLU(norm(conv(x)))), then norm and SiLU: (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int, norm):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), norm(), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1), norm())
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(x + self.body(x))
 
 
 class MaskDiffusion:
@@ -159,7 +176,7 @@ class UGDIML(Model):
             raise ValueError(f"image_fit must be squash or pad, got {config.image_fit!r}")
         levels = len(config.channels)
         attention = [i >= levels - config.attention_levels for i in range(levels)]
-        self.condition = ConditionControl(config.cond_channels, config.groups, config.image_scale)
+        self.condition = ConditionControl(config.cond_channels, config.groups, config.image_scale, config.cond_blocks)
         from diffusers import UNet2DModel
 
         self.denoiser = UNet2DModel(
