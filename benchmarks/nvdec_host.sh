@@ -9,7 +9,8 @@
 # every 2 s and one per clip), cpu (the CPU decoder against base/ on the host's cores). Install
 # and clips (not for empty STEPS: the install alone) happen once per host, and the mamba-ssm build (in the background) once, in the first
 # call whose STEPS hold mvqa, so the steps can be split over calls to a warm host (only the
-# install and the build read CARRY). A step is skipped once SECONDS have passed.
+# install and the build read CARRY). A step is skipped once SECONDS have passed; a bench step
+# is stopped after BENCH_TIMEOUT seconds (default 240).
 set -u
 CARRY=$(cd "$1" && pwd); OUT=$2; BUDGET=$3; STEPS=$4; T0=$(date +%s); ROOT=$PWD
 mkdir -p "$OUT"
@@ -70,7 +71,7 @@ for s in $STEPS; do
     [ $s = mvqa ] && { tail -2 /tmp/mamba.log; export PYTHONPATH=/tmp/msite:$PYTHONPATH; }
     time_left "bench $s" || continue
     case $s in qclip) args=(-b 16);; clifvqa) args=(-b 8);; mvqa) args=(--preset tiny -b 16);; esac
-    timeout 240 python3 -m qscore bench $s "${args[@]}" /tmp/q17/v720-g50 /tmp/q17/v720-g250 /tmp/q17/v1080-g50 \
+    timeout "${BENCH_TIMEOUT:-240}" python3 -m qscore bench $s "${args[@]}" /tmp/q17/v720-g50 /tmp/q17/v720-g250 /tmp/q17/v1080-g50 \
       --decoder gpu,cpu --warmup 16 --json "$OUT/$s.json" | sed -n '/^| model/,$p' | tee -a "$OUT/tables.md" ;;
   cpu)
     step "CPU decoder vs base on the host's cores"
