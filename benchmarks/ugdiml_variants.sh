@@ -3,7 +3,7 @@
 # (benchmarks/starters.sh), each packed and evaluated on the held-out JPEG'd edits as a starter is:
 #
 #   bash benchmarks/ugdiml_variants.sh DATA WORK BUDGET_S NAME=[KEY=VALUE] ...
-#   bash benchmarks/ugdiml_variants.sh /tmp/data /tmp/work 1000 plain= blocks=cond_blocks=2
+#   bash benchmarks/ugdiml_variants.sh /tmp/data /tmp/work 1230 plain=cond_blocks=0 blocks=
 #
 # First the GPU side of a training is timed (benchmarks/train_speed.py on a small set: the loader,
 # one resident batch's steps, both; WORK/speed_NAME.json), and the epochs are chosen so that every
@@ -11,7 +11,9 @@
 # the start, data making included; EPOCHS=N fixes them instead. Each variant's training, packing
 # and evaluation then run as `MODELS=ugdiml FINAL=1 bash benchmarks/starters.sh DATA WORK/NAME`,
 # on forgery sets made once and shared (same seeds as the starter). WORK/summary.json gathers
-# every variant's validation history and held-out metrics.
+# every variant's validation history and held-out metrics. For a smoke run on a CPU make the
+# speed check small too: SPEED_N (its set, 400), SPEED_STEPS (20), SPEED_BATCH (32); and the
+# rest as starters.sh says (N_FORGERY, N_VAL_UGDIML, BATCH_UGDIML, EPOCHS).
 set -u
 DATA=$1 WORK=$2 BUDGET=$3
 shift 3
