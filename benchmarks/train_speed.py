@@ -1,14 +1,15 @@
 """Where a training's time goes: the loader, the step, and the two together.
 
     python benchmarks/train_speed.py LABELS.csv [--model ugdiml] [--preset starter] [--batch-size 32]
-        [--set KEY=VALUE ...] [--workers 2] [--device cpu|cuda] [--steps 20] [--only loader] [--json F]
+        [--set KEY=VALUE ...] [--workers 2] [--device cpu|cuda] [--steps 20] [--only loader[,step]] [--json F]
 
 1. ``loader``: ``qscore.train.loop._loader`` (the augmenting preparer and the collation in
    DataLoader workers, as ``qscore train`` runs them) over the labelled files once, no model
    step: files/s (over all, and after the first batch, which holds the workers' start) and the
    main process's CPU ms per batch (its own clock; the first batch left out). The main process
-   also launches every step, so this bounds a training whatever the GPU. With an older qscore first on PYTHONPATH (before the
-   workers collated) it measures that one; ``--only loader`` then, as the rest needs this one.
+   also launches every step, so this bounds a training whatever the GPU. With an older qscore
+   first on PYTHONPATH (before the workers collated) it measures that one; ``--only loader``
+   then, as the rest needs this one.
 2. ``step``: one batch resident on ``--device``, ``--steps`` optimiser steps (``train_step``:
    bf16 autocast on CUDA), after 3 warm-up steps: samples/s and peak GPU memory.
 3. ``train``: the loader and the steps together as ``qscore train``'s epoch loop runs them
@@ -105,7 +106,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--only", default="", help="loader, step or train")
+    p.add_argument("--only", default="", help="the parts to run, comma-separated: loader, step, train (default all)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.only == "loader":
@@ -123,7 +124,7 @@ def main() -> None:
              "step": lambda: step_speed(model, labels, args.batch_size, args.steps, device),
              "train": lambda: train_speed(model, labels, args.batch_size, args.workers, device)}
     for name, run in parts.items():
-        if args.only in ("", name):
+        if not args.only or name in args.only.split(","):
             result[name] = run()
             print(name, json.dumps(result[name]), flush=True)
     if args.json:

@@ -5,8 +5,8 @@
 #   bash benchmarks/ugdiml_variants.sh DATA WORK BUDGET_S NAME=[KEY=VALUE] ...
 #   bash benchmarks/ugdiml_variants.sh /tmp/data /tmp/work 1230 plain=cond_blocks=0 blocks=
 #
-# First the GPU side of a training is timed (benchmarks/train_speed.py on a small set: the loader,
-# one resident batch's steps, both; WORK/speed_NAME.json), and the epochs are chosen so that every
+# First the GPU side of a training is timed (benchmarks/train_speed.py on a small set: the loader
+# and one resident batch's steps; WORK/speed_NAME.json), and the epochs are chosen so that every
 # variant's whole schedule (warm-up, cosine to 0, validation) ends inside BUDGET_S, counted from
 # the start, data making included; EPOCHS=N fixes them instead. Each variant's training, packing
 # and evaluation then run as `MODELS=ugdiml FINAL=1 bash benchmarks/starters.sh DATA WORK/NAME`,
@@ -31,13 +31,14 @@ log "speed ($DEVICE)"
 for v in "$@"; do
   name=${v%%=*} set=${v#*=}
   [ -f "$WORK/speed_$name.json" ] || python3 benchmarks/train_speed.py "$WORK/speed/train.csv" --device "$DEVICE" --workers "$CORES" \
-    ${set:+--set "$set"} --steps "${SPEED_STEPS:-20}" --batch-size "${SPEED_BATCH:-32}" --json "$WORK/speed_$name.json" >> "$WORK/speed.log" 2>&1
+    --only loader,step ${set:+--set "$set"} --steps "${SPEED_STEPS:-20}" --batch-size "${SPEED_BATCH:-32}" --json "$WORK/speed_$name.json" >> "$WORK/speed.log" 2>&1
 done
 log "data"
 [ -f "$WORK/shared/forgery/labels.csv" ] || $Q synth forgery --n "$N_FORGERY" --seed 11 --out "$WORK/shared/forgery" --pristine "$DATA/pristine" -j "$CORES" > "$WORK/synth_forgery.log" 2>&1
 [ -f "$WORK/shared/forgery_jpeg/labels.csv" ] || $Q synth forgery --n "$N_FORGERY_TEST" --seed 11 --jpeg 1 --out "$WORK/shared/forgery_jpeg" --pristine "$DATA/pristine" -j "$CORES" > "$WORK/synth_forgery_jpeg.log" 2>&1
 LEFT=$(( START + BUDGET - $(date +%s) ))
-# epochs: the variants share the GPU, so an epoch of all of them costs at least the sum of their
+# epochs (the script's `train` pass over so small a set is mostly its workers' start, so not
+# timed): the variants share the GPU, so an epoch of all of them costs at least the sum of their
 # epochs alone (samples / step samples/s; validation: N_VAL_UGDIML edits x 2 modes x 8 steps x 4
 # samples forwards, ~1/3 of a training sample each), and each has 1/Nth of the cores' loader;
 # 15 % kept for packing and evaluation
