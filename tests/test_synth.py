@@ -202,6 +202,22 @@ def test_video_clips_are_held_out_by_split_and_deterministic(tmp_path):
         synth.generate_video(tmp_path / "d", 2, workers=0, **{**kw, "clips": tmp_path / "missing"})
 
 
+def test_clips_smaller_than_the_output_are_left_out_not_upscaled(tmp_path):
+    clips = PRISTINE.parent / "video"
+    if not clips.is_dir():
+        pytest.skip("needs ../shared/data/video")
+    videos = synth.source_clips(clips)
+    kept, skipped = synth.clips_covering(videos, (192, 160))  # carphone is 176x144
+    assert [p.name for p in kept] == ["bigbuckbunny.mp4", "bikes.mp4"]
+    assert list(skipped) == ["carphone_pristine.mp4"] and "176x144" in skipped["carphone_pristine.mp4"]
+    assert synth.clips_covering(videos, (64, 48)) == (videos, {})
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "carphone_pristine.mp4").symlink_to(clips / "carphone_pristine.mp4")
+    with pytest.raises(synth.SynthError, match="no clip covers --size 192x160"):
+        synth.generate_video(tmp_path / "x", 2, pristine=PRISTINE, workers=0, size=(192, 160), frames=2, clips=only)
+
+
 def test_few_sources_give_each_split_its_share_of_the_samples():
     """Three clips, one per split: 70 / 15 / 15 % of the clip samples, not a third each."""
     order, split = synth.source_order(3, 600, seed=7, stream=1)

@@ -132,7 +132,7 @@ def synth_command(
     size: Annotated[str, typer.Option("--size", help="video: frame size WxH (even numbers).")] = "320x240",
     frames: Annotated[int, typer.Option("--frames", min=1, help="video: frames per clip.")] = 48,
     fps: Annotated[int, typer.Option("--fps", min=1, help="video: frame rate.")] = 24,
-    clips: Annotated[str, typer.Option("--clips", help="video: folder of real clips to take frame windows from (*distorted* skipped); auto = the video/ folder beside --pristine if there; none = photos only.")] = "auto",
+    clips: Annotated[str, typer.Option("--clips", help="video: folder of real clips to take frame windows from (*distorted* and clips smaller than --size skipped); auto = the video/ folder beside --pristine if there; none = photos only.")] = "auto",
     clip_fraction: Annotated[float, typer.Option("--clip-fraction", help="video: fraction of samples taken from --clips (when there are clips).")] = 0.2,
     authentic: Annotated[float, typer.Option("--authentic", help="forgery: fraction of authentic (unmanipulated) samples.")] = 0.2,
     jpeg: Annotated[float, typer.Option("--jpeg", help="forgery: probability of JPEG re-compression (quality 65-95) after the edit; 1 = every image.")] = 0.5,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 import multiprocessing
 import os
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from scipy.ndimage import binary_dilation, gaussian_filter
 from qscore import __version__
 from qscore.fsutil import atomic_file
 
+log = logging.getLogger("qscore")
 DEFAULT_PRISTINE = "../shared/data/pristine"
 SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 
@@ -99,6 +101,24 @@ def source_clips(clips: str | os.PathLike | None, pristine: str | os.PathLike = 
     if not found and not auto:
         raise SynthError(f"--clips {folder}: no video files ({', '.join(CLIP_SUFFIXES)}; *distorted* skipped)")
     return found
+
+
+def clips_covering(videos: list[Path], size: tuple[int, int]) -> tuple[list[Path], dict[str, str]]:
+    """The clips whose frames cover ``size`` (W, H) without upscaling, and why each other one is
+    left out. An upscaled window is blurred by the upscaling, which its label (no blur) would not
+    count: carphone_pristine's 176x144 at 224x224 was."""
+    import av
+
+    kept, skipped = [], {}
+    for path in videos:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            w, h = stream.codec_context.width, stream.codec_context.height
+        if w >= size[0] and h >= size[1]:
+            kept.append(path)
+        else:
+            skipped[path.name] = f"{w}x{h} is smaller than --size {size[0]}x{size[1]}"
+    return kept, skipped
 
 
 def segmented_photos(root: str | os.PathLike) -> list[tuple[Path, Path]]:
@@ -320,7 +340,11 @@ def generate_video(
         raise SynthError("--frames and --fps must be positive")
     if not 0 <= clip_fraction <= 1:
         raise SynthError(f"--clip-fraction must be in [0, 1], got {clip_fraction}")
-    videos = source_clips(clips, pristine)
+    videos, skipped = clips_covering(source_clips(clips, pristine), size)
+    for name, why in skipped.items():
+        log.warning("--clips: %s left out: %s (its windows would be upscaled)", name, why)
+    if skipped and not videos and str(clips).lower() != "auto":
+        raise SynthError(f"--clips {clips}: no clip covers --size {size[0]}x{size[1]} ({'; '.join(f'{k}: {v}' for k, v in skipped.items())})")
     n_clip = round(clip_fraction * n) if videos else 0
     from_clip = np.zeros(n, bool)
     from_clip[np.random.default_rng([seed, 4]).permutation(n)[:n_clip]] = True
@@ -340,7 +364,7 @@ def generate_video(
             k_photo += 1
     rows = _map(make_video, tasks, workers, progress)
     params = {"kind": "video", "n": n, "seed": seed, "size": list(size), "frames": frames, "fps": fps,
-              "clips": [p.name for p in videos], "clip_samples": n_clip,
+              "clips": [p.name for p in videos], "clips_left_out": skipped, "clip_samples": n_clip,
               "severity": SEVERITY, "params": VIDEO_PARAMS, "clean_crf": CLEAN_CRF}
     return _write_tables(Path(out), rows, ("path", "mos"), params)
 
