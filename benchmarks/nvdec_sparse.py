@@ -232,7 +232,7 @@ def make_clips(folder: Path, n: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("clips", type=Path)
-    p.add_argument("--procs", default="1,8,16")
+    p.add_argument("--procs", default="8,16")
     p.add_argument("--threads", default="4")
     p.add_argument("--json", type=Path)
     p.add_argument("--make", type=int, default=0)
