@@ -37,29 +37,40 @@ def _worker(paths: list[str], start, done) -> None:
     done.put(time.perf_counter() - t0)
 
 
-def parallel(paths: list[str], procs: int) -> dict:
+def gpu_sampler() -> subprocess.Popen:
+    """nvidia-smi sampling NVDEC and SM utilisation every 200 ms until ``utilisation`` stops it."""
+    return subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.decoder,utilization.gpu", "--format=csv,noheader,nounits",
+                             "-lms", "200"], stdout=subprocess.PIPE, text=True)
+
+
+def utilisation(smi: subprocess.Popen) -> dict:
+    """Stop ``gpu_sampler``'s nvidia-smi; the mean and peak of its samples (first and last left out)."""
+    smi.terminate()
+    samples = [tuple(int(v) for v in line.split(",")) for line in smi.stdout.read().splitlines() if line.strip()]
+    dec = [s[0] for s in samples[1:-1]] or [0]
+    sm = [s[1] for s in samples[1:-1]] or [0]
+    return {"nvdec_util_mean": round(sum(dec) / len(dec), 1), "nvdec_util_max": max(dec),
+            "sm_util_mean": round(sum(sm) / len(sm), 1)}
+
+
+def parallel(paths: list[str], procs: int, worker=_worker) -> dict:
+    """``worker(share, start, done)`` in ``procs`` spawned processes, timed from a common start."""
     ctx = mp.get_context("spawn")
     start, done = ctx.Barrier(procs + 1), ctx.Queue()
     shares = [paths[i::procs] for i in range(procs)]
-    workers = [ctx.Process(target=_worker, args=(s, start, done)) for s in shares]
+    workers = [ctx.Process(target=worker, args=(s, start, done)) for s in shares]
     for w in workers:
         w.start()
     start.wait()
-    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.decoder,utilization.gpu", "--format=csv,noheader,nounits",
-                            "-lms", "200"], stdout=subprocess.PIPE, text=True)
+    smi = gpu_sampler()
     t0 = time.perf_counter()
     times = [done.get() for _ in workers]
     wall = time.perf_counter() - t0
-    smi.terminate()
-    samples = [tuple(int(v) for v in line.split(",")) for line in smi.stdout.read().splitlines() if line.strip()]
+    util = utilisation(smi)
     for w in workers:
         w.join()
-    dec = [s[0] for s in samples[1:-1]] or [0]
-    sm = [s[1] for s in samples[1:-1]] or [0]
     return {"procs": procs, "files": len(paths), "videos_per_s": round(len(paths) / wall, 2),
-            "ms_per_file_in_a_process": round(1e3 * max(times) / max(len(s) for s in shares), 1),
-            "nvdec_util_mean": round(sum(dec) / len(dec), 1), "nvdec_util_max": max(dec),
-            "sm_util_mean": round(sum(sm) / len(sm), 1)}
+            "ms_per_file_in_a_process": round(1e3 * max(times) / max(len(s) for s in shares), 1), **util}
 
 
 def split(path: str) -> dict:

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import subprocess
 import threading
 import time
 from pathlib import Path
+
+from nvdec_probe import gpu_sampler, parallel, utilisation
 
 SIZE = (336, 336)
 
@@ -60,8 +60,9 @@ class SparseDecoder:
             left.setdefault(index.keyframe_before(p), set()).add(p)
         keys = set(index.keys)
         demuxer = nvc.CreateDemuxer(filename=reader.path)
-        if self.decoder is None or self.codec != demuxer.GetNvCodecId():
-            self.codec = demuxer.GetNvCodecId()
+        codec = demuxer.GetNvCodecId()
+        if self.decoder is None or self.codec != codec:
+            self.codec = codec
             self.decoder = nvc.CreateDecoder(gpuid=self.gpu, codec=self.codec, usedevicememory=True,
                                              latency=nvc.DisplayDecodeLatencyType.ZERO)
         got, decoded, problems, gop = {}, 0, [], None
@@ -101,11 +102,18 @@ def reader_rgb(reader, surface):
     return NvdecReader._to_rgb(reader, surface.cuda(), SIZE)
 
 
+def decode_file(dec: SparseDecoder, path: str) -> None:
+    """Q-CLIP's default frames of one file through ``dec``, as a runner worker would."""
+    reader, positions = qclip_positions(path)
+    dec.frames(reader, positions)
+    reader.close()
+
+
 def check(paths: list[str]) -> dict:
     """Frames of the sparse NVDEC path against the CPU decoder's, and the packets it decoded."""
     import numpy as np
 
-    dec, diffs, decoded, frames, problems = SparseDecoder(), [], [], [], []
+    dec, diffs, decoded, problems = SparseDecoder(), [], [], []
     for path in paths:
         reader, positions = qclip_positions(path)
         got, n, bad = dec.frames(reader, positions)
@@ -117,11 +125,10 @@ def check(paths: list[str]) -> dict:
             if p in got:
                 diffs.append(float(np.abs(got[p].cpu().numpy().astype(float) - c).mean()))
         decoded.append(n)
-        frames.append(reader.n_frames)
         reader.close()
     return {"files": len(paths), "mean_abs_diff_max": round(max(diffs), 3) if diffs else None,
             "mean_abs_diff_mean": round(sum(diffs) / len(diffs), 3) if diffs else None,
-            "packets_decoded_per_file": round(sum(decoded) / len(decoded), 1), "frames_per_file": frames[0],
+            "packets_decoded_per_file": round(sum(decoded) / len(decoded), 1),
             "problems": problems[:10], "n_problems": len(problems)}
 
 
@@ -130,8 +137,7 @@ def one_process(paths: list[str]) -> dict:
     import torch
 
     dec = SparseDecoder()
-    reader, positions = qclip_positions(paths[0])
-    dec.frames(reader, positions)  # warm: context, session
+    decode_file(dec, paths[0])  # warm: context, session
     t_index = t_decode = 0.0
     for path in paths:
         t0 = time.perf_counter()
@@ -149,49 +155,18 @@ def one_process(paths: list[str]) -> dict:
 
 
 def _worker(paths: list[str], start, done) -> None:
+    """One process of ``nvdec_probe.parallel``: its own CUDA context and decoder."""
     import torch
 
     torch.zeros(1, device="cuda")
     dec = SparseDecoder()
-    reader, positions = qclip_positions(paths[0])
-    dec.frames(reader, positions)
+    decode_file(dec, paths[0])
     start.wait()
     t0 = time.perf_counter()
     for p in paths:
-        reader, positions = qclip_positions(p)
-        dec.frames(reader, positions)
-        reader.close()
+        decode_file(dec, p)
     torch.cuda.synchronize()
     done.put(time.perf_counter() - t0)
-
-
-def _smi() -> subprocess.Popen:
-    return subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.decoder,utilization.gpu", "--format=csv,noheader,nounits",
-                             "-lms", "200"], stdout=subprocess.PIPE, text=True)
-
-
-def _util(smi: subprocess.Popen) -> dict:
-    smi.terminate()
-    rows = [tuple(int(v) for v in line.split(",")) for line in smi.stdout.read().splitlines() if line.strip()]
-    dec, sm = [r[0] for r in rows[1:-1]] or [0], [r[1] for r in rows[1:-1]] or [0]
-    return {"nvdec_util_mean": round(sum(dec) / len(dec), 1), "nvdec_util_max": max(dec), "sm_util_mean": round(sum(sm) / len(sm), 1)}
-
-
-def processes(paths: list[str], procs: int) -> dict:
-    ctx = mp.get_context("spawn")
-    start, done = ctx.Barrier(procs + 1), ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(paths[i::procs], start, done)) for i in range(procs)]
-    for w in workers:
-        w.start()
-    start.wait()
-    smi, t0 = _smi(), time.perf_counter()
-    for _ in workers:
-        done.get()
-    wall = time.perf_counter() - t0
-    row = {"procs": procs, "files": len(paths), "videos_per_s": round(len(paths) / wall, 2), **_util(smi)}
-    for w in workers:
-        w.join()
-    return row
 
 
 def threads(paths: list[str], n: int) -> dict:
@@ -200,16 +175,13 @@ def threads(paths: list[str], n: int) -> dict:
 
     decoders = [SparseDecoder() for _ in range(n)]
     for d in decoders:
-        reader, positions = qclip_positions(paths[0])
-        d.frames(reader, positions)
+        decode_file(d, paths[0])
 
     def run(d: SparseDecoder, share: list[str]) -> None:
         for p in share:
-            reader, positions = qclip_positions(p)
-            d.frames(reader, positions)
-            reader.close()
+            decode_file(d, p)
 
-    smi, t0 = _smi(), time.perf_counter()
+    smi, t0 = gpu_sampler(), time.perf_counter()
     pool = [threading.Thread(target=run, args=(d, paths[i::n])) for i, d in enumerate(decoders)]
     for t in pool:
         t.start()
@@ -217,7 +189,7 @@ def threads(paths: list[str], n: int) -> dict:
         t.join()
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    return {"threads": n, "files": len(paths), "videos_per_s": round(len(paths) / wall, 2), **_util(smi)}
+    return {"threads": n, "files": len(paths), "videos_per_s": round(len(paths) / wall, 2), **utilisation(smi)}
 
 
 def make_clips(folder: Path, n: int) -> None:
@@ -243,7 +215,7 @@ def main() -> None:
     result: dict = {"clips": str(a.clips)}
     steps = [("check", lambda: check(paths[:4])), ("one_process", lambda: one_process(paths))]
     steps += [(f"threads_{t}", lambda t=t: threads(paths, int(t))) for t in a.threads.split(",") if t]
-    steps += [(f"procs_{n}", lambda n=n: processes(paths, int(n))) for n in a.procs.split(",") if n]
+    steps += [(f"procs_{n}", lambda n=n: parallel(paths, int(n), _worker)) for n in a.procs.split(",") if n]
     for name, step in steps:
         try:
             result[name] = step()
