@@ -4,7 +4,8 @@
 # CARRY holds site*.tar.xz (PyAV, PyNvVideoCodec, open_clip + ftfy + wcwidth; for the Ray
 # benchmark also Ray, diffusers and their missing needs), wheels (decord, which base/ decodes
 # with), base/src (the source measured against), sdist/mamba_ssm-*.tar.gz and
-# build-mamba-sm90.sh. STEPS, in order, from: tests (what NVDEC finds, the GPU tests),
+# build-mamba-sm90.sh. STEPS, in order, from: tests (what NVDEC finds, the GPU tests), probe
+# (benchmarks/nvdec_probe.py on the 720p 2 s-GOP set),
 # qclip, clifvqa, mvqa (`qscore bench` rows: GPU and CPU decoder, 720p and 1080p, a keyframe
 # every 2 s and one per clip), cpu (the CPU decoder against base/ on the host's cores). Install
 # and clips (not for empty STEPS: the install alone) happen once per host, and the mamba-ssm build (in the background) once, in the first
@@ -26,7 +27,8 @@ if [ ! -e /tmp/site/.done ]; then
   python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
   step "install"
   mkdir -p /tmp/site && for t in "$CARRY"/site*.tar.xz; do tar -C /tmp/site -xJf "$t"; done
-  for w in "$CARRY"/*.whl; do [ -e "$w" ] && python3 -m zipfile -e "$w" /tmp/site; done; cp -r "$CARRY/base" /tmp/q17base
+  for w in "$CARRY"/*.whl; do [ -e "$w" ] && python3 -m zipfile -e "$w" /tmp/site; done
+  [ -d "$CARRY/base" ] && cp -r "$CARRY/base" /tmp/q17base
   # bytecode, as a pip install leaves it: the host sets PYTHONDONTWRITEBYTECODE, and without it every
   # process (each Ray worker too) compiles these packages again on import
   python3 -m compileall -q -j 0 /tmp/site "$ROOT/src" > /dev/null
@@ -64,6 +66,10 @@ for s in $STEPS; do
     python3 -c "import PyNvVideoCodec as nvc, av; print('PyNvVideoCodec', nvc.__version__, 'PyAV', av.__version__)"
     step "GPU tests"
     time_left tests && timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_nvdec_gpu.py 2>&1 | grep -v "^$" ;;
+  probe)
+    step "NVDEC probe: threads against processes"
+    time_left probe && timeout 150 python3 benchmarks/nvdec_probe.py /tmp/q17/v720-g50 --threads 8,16 --procs 16 \
+      --json "$OUT/probe.json" < /dev/null ;;
   qclip|clifvqa|mvqa)
     step "bench $s"
     # no timing beside the compiler

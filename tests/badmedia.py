@@ -84,8 +84,10 @@ def make_video(
     rotation: int = 0,
     frame: Callable[[int], np.ndarray] | None = None,
     gop: int = 10,
+    bframes: int | None = None,
 ) -> Path:
-    """Encode n frames (``frame(i)`` -> uint8 (h, w, 3); default: a gradient with a moving bar)."""
+    """Encode n frames (``frame(i)`` -> uint8 (h, w, 3); default: a gradient with a moving bar);
+    a keyframe every ``gop``, ``bframes`` B-frames at most in a row (None: the encoder's default)."""
     h, w = size
 
     def default(i: int) -> np.ndarray:
@@ -96,7 +98,7 @@ def make_video(
     make = frame or default
     options = {"movflags": "+faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as out:
-        stream = out.add_stream(codec, rate=fps, options={"g": str(gop)})
+        stream = out.add_stream(codec, rate=fps, options={"g": str(gop), **({"bf": str(bframes)} if bframes is not None else {})})
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if rotation:
             stream.set_display_rotation(rotation)

@@ -1,12 +1,12 @@
 """The GPU decoder's logic on the CPU: PyNvVideoCodec replaced by tests/fake_nvdec, which decodes
-with PyAV and hands out NV12 surfaces as NVDEC does, so positions, colour conversion, the
-per-file CPU fallback and the runner's --decoder (spawned workers included) run here without a
-GPU; tests/test_nvdec_gpu.py decodes on NVDEC."""
+with PyAV and hands out NV12 surfaces as NVDEC does, so positions, the packets fed, colour
+conversion, the per-file CPU fallback and the runner's --decoder (preparing threads included)
+run here without a GPU; tests/test_nvdec_gpu.py decodes on NVDEC."""
 
 from __future__ import annotations
 
-import os
 import sys
+import threading
 from pathlib import Path
 
 import av
@@ -18,6 +18,7 @@ import torch
 from qscore import runner
 from qscore.media import nvdec, video
 from qscore.media.sampling import uniform_indices
+from qscore.media.video import plan_near
 from qscore.runner import RunConfig, run
 from tests.badmedia import make_video
 
@@ -27,16 +28,16 @@ FAKE = Path(__file__).parent / "fake_nvdec"
 
 @pytest.fixture
 def fake_nvdec(monkeypatch):
-    """PyNvVideoCodec replaced by tests/fake_nvdec, here and in spawned workers."""
+    """PyNvVideoCodec replaced by tests/fake_nvdec; fresh sessions in every thread."""
     monkeypatch.syspath_prepend(str(FAKE))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE), *sys.path]))
     monkeypatch.delitem(sys.modules, "PyNvVideoCodec", raising=False)
     import PyNvVideoCodec
 
-    monkeypatch.setattr(nvdec, "_DECODERS", {})
-    monkeypatch.setattr(PyNvVideoCodec.SimpleDecoder, "fail", None)
-    monkeypatch.setattr(PyNvVideoCodec.SimpleDecoder, "pts_shift", 0)
-    yield PyNvVideoCodec.SimpleDecoder
+    monkeypatch.setattr(nvdec, "_LOCAL", threading.local())
+    monkeypatch.setattr(PyNvVideoCodec.FakeDecoder, "fail", None)
+    monkeypatch.setattr(PyNvVideoCodec.FakeDecoder, "silent", None)
+    monkeypatch.setattr(PyNvVideoCodec.FakeDecoder, "fed", [])
+    yield PyNvVideoCodec.FakeDecoder
     sys.modules.pop("PyNvVideoCodec", None)
 
 
@@ -69,7 +70,7 @@ def test_same_positions_and_close_pixels_as_the_cpu(tmp_path, fake_nvdec):
     path = str(make_video(tmp_path / "v.mp4", n=60, gop=25))
     want = uniform_indices(60, 8)
     with video.VideoReader(path) as cpu, nvdec.NvdecReader(path) as gpu:
-        assert gpu.decoder == "nvdec" and gpu._index.dts != gpu._index.pts  # B-frames: NVDEC's stamps lag
+        assert gpu.decoder == "nvdec"
         near_cpu, used_cpu = cpu.frames_near(want, size=(32, 32), near=1)
         near_gpu, used_gpu = gpu.frames_near(want, size=(32, 32), near=1)
         exact_cpu, exact_gpu = cpu.frames(want), gpu.frames(want)
@@ -92,13 +93,50 @@ def test_a_failing_file_falls_back_to_the_cpu_and_says_so(tmp_path, fake_nvdec):
     assert facts["decoder"] == "pyav" and "GPU decoder failed" in facts["decode_warnings"]
 
 
-def test_a_timestamp_mismatch_is_never_served(tmp_path, fake_nvdec):
-    path = str(make_video(tmp_path / "v.mp4", n=30))
-    fake_nvdec.pts_shift = 1  # the decoder's frames would be off by some
-    with nvdec.NvdecReader(path) as gpu:
-        gpu.frames([3, 4])
+def test_a_packet_without_its_picture_is_never_served(tmp_path, fake_nvdec):
+    """Pictures carry no timestamp on NVDEC's zero-latency path: they are known by the order they
+    were fed in, so a packet that gives no picture fails the file (a later one would be taken for it)."""
+    path = str(make_video(tmp_path / "silent.mp4", n=30))
+    fake_nvdec.silent = "silent"
+    with video.VideoReader(path) as cpu, nvdec.NvdecReader(path) as gpu:
+        frames = gpu.frames([3, 4])
         facts = gpu.facts()
-    assert facts["decoder"] == "pyav" and "stamped" in facts["decode_warnings"]
+        want = cpu.frames([3, 4])
+    assert facts["decoder"] == "pyav" and "0 pictures for the packet" in facts["decode_warnings"]
+    assert np.array_equal(frames.cpu().numpy(), want)
+
+
+def test_nvdec_is_fed_only_what_the_wanted_frames_depend_on(tmp_path, fake_nvdec):
+    """The packets fed are ``packets_to_feed``'s, in decode order: fewer than the clip's."""
+    path = str(make_video(tmp_path / "v.mp4", n=120, gop=40))
+    with nvdec.NvdecReader(path) as gpu:
+        gpu.frames_near(uniform_indices(120, 8), near=1)
+        index = gpu._index
+    fed = [index.position(pts, -1) for _, pts in fake_nvdec.fed]
+    served = sorted(set(plan_near(uniform_indices(120, 8), index.refs, 1).values()))
+    assert fed == nvdec.packets_to_feed(index, served) and len(fed) < 120
+
+
+@pytest.mark.parametrize("gop,bframes", [(40, 2), (250, 2), (30, 0)])
+def test_the_packets_fed_decode_to_the_same_frames(tmp_path, gop, bframes):
+    """A real decoder (PyAV) fed ``packets_to_feed``'s packets only, a GOP left once its wanted
+    frames are fed (as zero latency allows), gives the wanted frames bit-identical to an exact
+    decode."""
+    path = str(make_video(tmp_path / "v.mp4", n=150, gop=gop, bframes=bframes))
+    with video.VideoReader(path) as cpu:
+        index, wanted = cpu._index, sorted({3, 41, 42, 77, 120, 149})
+        feed = nvdec.packets_to_feed(index, wanted)
+        exact = dict(zip(wanted, cpu.frames(wanted)))
+    assert set(wanted) <= set(feed) and len(feed) < index.n_frames
+    got = {}
+    with av.open(path) as c:
+        stream = c.streams.video[0]
+        packets = {index.position(pk.pts, -1): pk for pk in c.demux(stream) if pk.size}
+        frames = [f for p in feed for f in stream.codec_context.decode(packets[p])] + list(stream.codec_context.decode(None))
+        for f in frames:
+            got[index.position(f.pts, -1)] = f.to_ndarray(format="rgb24")
+    for p in wanted:
+        assert np.array_equal(got[p], exact[p]), p
 
 
 def test_formats_nvdec_lacks_go_to_the_cpu(tmp_path, fake_nvdec):
@@ -120,7 +158,7 @@ def test_formats_nvdec_lacks_go_to_the_cpu(tmp_path, fake_nvdec):
 def test_pick_decoder(monkeypatch):
     assert video.pick_decoder("auto", "cpu") == "cpu" and video.pick_decoder("cpu", "cuda") == "cpu"
     monkeypatch.setattr(nvdec, "available", lambda: True)
-    assert video.pick_decoder("auto", "cuda") == "cpu"  # NVDEC measured slower (docs/benchmarks.md)
+    assert video.pick_decoder("auto", "cuda") == "cpu"  # NVDEC measured level or slower (docs/benchmarks.md)
     assert video.pick_decoder("gpu", "cuda") == "gpu"
     with pytest.raises(video.UsageError, match="needs a CUDA device"):
         video.pick_decoder("gpu", "cpu")
@@ -128,14 +166,13 @@ def test_pick_decoder(monkeypatch):
         video.pick_decoder("fast", "cpu")
 
 
-@pytest.mark.parametrize("workers", [0, 2])  # 2: spawned workers, the main thread collates
+@pytest.mark.parametrize("workers", [0, 2])  # 2: preparing threads, each with its own NVDEC session
 def test_run_with_the_gpu_decoder_writes_which_decoder_served_each_file(tmp_path, fake_nvdec, monkeypatch, workers):
     clips = tmp_path / "clips"
     clips.mkdir()
     for name in ("a.mp4", "bad.mp4", "c.mp4"):
         make_video(clips / name, n=40, gop=20)
     fake_nvdec.fail = "bad"
-    monkeypatch.setenv("QSCORE_FAKE_NVDEC_FAIL", "bad")
     monkeypatch.setattr(runner, "pick_decoder", lambda choice, device_type: "gpu")
 
     def score(out, decoder):

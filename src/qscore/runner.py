@@ -68,8 +68,9 @@ log = logging.getLogger("qscore")
 # heatmap overlay and its PNG: ~26 ms per image on one core): writer threads take batches side by side.
 WRITERS = min(4, usable_cpus())
 MAX_QUEUED = WRITERS + 1  # batches waiting for or in the writer threads
-# --workers -1 with the GPU decoder: NVDEC does the decoding (an H200 has 7 engines), a worker
-# only probes, indexes and samples, and each one holds a CUDA context
+# --workers -1 with the GPU decoder: preparing threads of this process (NVDEC decodes, a thread
+# probes, indexes, feeds and samples; they contend for the GIL: benchmarks/nvdec_probe.py gave
+# 37-40 videos/s with 8 threads, 31-33 with 16 on the H200, docs/benchmarks.md)
 GPU_DECODE_WORKERS = 8
 
 
@@ -116,11 +117,12 @@ class Chunk:
 
 
 class Prepared(Dataset):
-    """Items -> Sample or Failure. Runs in DataLoader workers; never raises, so one bad file
-    never takes down a batch, and times the decode for the row's ``decode_ms``."""
+    """Items -> Sample or Failure. Runs in DataLoader workers (or the GPU decoder's threads);
+    never raises, so one bad file never takes down a batch, and times the decode for the row's
+    ``decode_ms``. ``to_cpu``: GPU-decoded inputs leave a worker process on the CPU."""
 
-    def __init__(self, items: Sequence[Item], prepare: Callable[[Item], Sample]):
-        self.items, self.prepare = items, prepare
+    def __init__(self, items: Sequence[Item], prepare: Callable[[Item], Sample], to_cpu: bool = True):
+        self.items, self.prepare, self.to_cpu = items, prepare, to_cpu
 
     def __len__(self) -> int:
         return len(self.items)
@@ -135,7 +137,8 @@ class Prepared(Dataset):
         except Exception as e:  # noqa: BLE001 - every failure becomes a row
             return Failure(item, describe(e), (time.perf_counter() - t0) * 1e3)
         sample.facts.setdefault("decode_ms", (time.perf_counter() - t0) * 1e3)
-        sample.inputs = {k: v.cpu() for k, v in sample.inputs.items()}  # GPU-decoded: leaves the worker on the CPU
+        if self.to_cpu:
+            sample.inputs = {k: v.cpu() for k, v in sample.inputs.items()}
         return sample
 
 
@@ -298,6 +301,16 @@ def precompute(model: Model, batch: dict[str, torch.Tensor], cache: ArrayCache |
         cache.keep(fresh)
 
 
+def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: copied without blocking, or, made there by a preparing thread on its
+    own stream, marked in use by this one (the allocator must not hand its memory back to that
+    stream while the forward reads it)."""
+    if t.device.type != "cuda":
+        return t.to(device, non_blocking=True)
+    t.record_stream(torch.cuda.current_stream(t.device))
+    return t.to(device, non_blocking=True)
+
+
 def chunk_size(n_files: int, batch_size: int, workers: int) -> int:
     """Files per DataLoader task. A worker prepares its whole chunk before handing it over, so a
     run with fewer files than workers x batch gets smaller chunks (and GPU batches) to keep every
@@ -329,7 +342,7 @@ class Engine:
         self.batch_size = max(1, batch_size)
         self.workers = workers if workers >= 0 else default_workers()
         if decoder == "gpu" and workers < 0:
-            self.workers = min(self.workers, GPU_DECODE_WORKERS)  # NVDEC decodes; each worker holds a CUDA context
+            self.workers = min(self.workers, GPU_DECODE_WORKERS)
         self.autocast = device.type == "cuda"
         self.cache = model.cache()
         self.totals = {"model_ms": 0.0, "decode_ms": 0.0, "stage_ms": 0.0}  # summed over files
@@ -339,28 +352,55 @@ class Engine:
         self._queued: deque[Future] = deque()
 
     def drive(self, todo: Sequence[Item]) -> None:
-        """Prepare ``todo`` in DataLoader workers and score it (the local executor). CUDA cannot
-        be used in a forked child: GPU-decoding workers are spawned, and the model (whose collate
-        the fork inherits) stays here, so the main thread collates their chunks."""
-        spawn = self.decoder == "gpu" and self.workers > 0
+        """Prepare ``todo`` and score it (the local executor): in DataLoader worker processes, or
+        with the GPU decoder in threads of this process (``_threads``)."""
+        size = chunk_size(len(todo), self.batch_size, self.workers)
         decoding = functools.partial(video.configure, self.decoder, max(1, usable_cpus() // max(self.workers, 1)))
-        loader = DataLoader(
-            Prepared(todo, self.model.preparer()),
-            batch_size=chunk_size(len(todo), self.batch_size, self.workers),
-            num_workers=self.workers,
-            collate_fn=functools.partial(Chunk.make, None if spawn else self.model.collate),
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=2 if self.workers else None,  # 2 batches per worker: bounded host memory
-            persistent_workers=False,
-            worker_init_fn=decoding,
-            multiprocessing_context="spawn" if spawn else None,
-        )
-        before = decoding()  # this process decodes too where workers == 0
+        before = decoding()  # this process decodes too where workers == 0, or in threads
         try:
-            self.consume(loader)
+            if self.decoder == "gpu" and self.workers > 0:
+                self.consume(self._threads(Prepared(todo, self.model.preparer(), to_cpu=False), size))
+            else:
+                self.consume(DataLoader(
+                    Prepared(todo, self.model.preparer()),
+                    batch_size=size,
+                    num_workers=self.workers,
+                    collate_fn=functools.partial(Chunk.make, self.model.collate),
+                    pin_memory=self.device.type == "cuda",
+                    prefetch_factor=2 if self.workers else None,  # 2 batches per worker: bounded host memory
+                    persistent_workers=False,
+                    worker_init_fn=decoding,
+                ))
         finally:
             video.configure(before.decoder, before.threads)
         self.flush()
+
+    def _threads(self, prepared: Prepared, size: int) -> Iterator[Chunk]:
+        """Chunks of ``size`` files prepared by ``self.workers`` threads, in order, at most two a
+        thread ahead. NVDEC decodes while a thread waits with the GIL released, and the frames stay
+        on the GPU: in one CUDA context with the model, where worker processes each had their own
+        (contexts time-slice the GPU) and sent frames through host memory. Each thread prepares
+        on its own CUDA stream and waits for it before handing a chunk over."""
+        local = threading.local()
+
+        def make(start: int) -> Chunk:
+            if self.device.type == "cuda" and not hasattr(local, "stream"):
+                local.stream = torch.cuda.Stream(self.device)
+            stream = getattr(local, "stream", None)
+            with torch.cuda.stream(stream):  # None (the CPU): no stream to switch to
+                chunk = Chunk.make(self.model.collate, [prepared[i] for i in range(start, min(start + size, len(prepared)))])
+            if stream is not None:
+                stream.synchronize()
+            return chunk
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="qscore-prepare") as pool:
+            ahead: deque[Future] = deque()
+            for start in range(0, len(prepared), size):
+                ahead.append(pool.submit(make, start))
+                if len(ahead) > 2 * self.workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
 
     def consume(self, chunks: Iterable[Chunk]) -> None:
         """Score prepared chunks: every forward is back and every batch handed to a writer thread
@@ -394,7 +434,7 @@ class Engine:
             if batch is None:
                 batch = self.model.collate(samples)
             if self.device.type == "cuda":
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                batch = {k: on_device(v, self.device) for k, v in batch.items()}
             self.totals["stage_ms"] += (time.perf_counter() - t0) * 1e3
             timer = _Timer(self.device)
             self.first_launch = self.first_launch or time.perf_counter()

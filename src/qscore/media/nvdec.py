@@ -2,29 +2,32 @@
 
 The file is probed and its packets indexed by the CPU reader (PyAV demuxes; it decodes only the
 first frame, for the rotation), so frame counts, positions and the ``frames_near`` plan are the
-CPU decoder's: ``frames_used`` is the same on both. NVDEC then decodes the frames asked for, in
-NV12, and the colour conversion runs on the GPU with the matrix swscale (the CPU path) uses
-(BT.601; full range for yuvj420p); frames come back as CUDA uint8 (T, H, W, 3) tensors.
+CPU decoder's: ``frames_used`` is the same on both. NVDEC is then fed only the packets the wanted
+frames depend on (``packets_to_feed``: as the CPU path, it skips the non-reference frames that are
+not wanted and the GOPs with nothing wanted; PyNvVideoCodec's indexed access decoded every frame
+from the keyframe on, ~150 to serve Q-CLIP's 8 of a 2 s-GOP clip against ~91), in NV12, and the
+colour conversion runs on the GPU with the matrix swscale (the CPU path) uses (BT.601; full range
+for yuvj420p); frames come back as CUDA uint8 (T, H, W, 3) tensors.
 
-Never a wrong frame: every frame NVDEC returns must carry the timestamp the packet index
-predicts for its position (NVDEC's parser hands the packets' decode timestamps out in display
-order, so position p gets the p-th smallest dts: seen on the H200, 2026-12-03, where the pts
-of x264 clips with B-frames came out two frames early). Files NVDEC is not given (codecs other
-than H.264 / HEVC / VP9 / AV1, anything but 8-bit 4:2:0, packets without dts) and files it
-fails on (a decoder error, a frame count or timestamp that disagrees with the index, an
-unexpected surface) are decoded on the CPU, with the reason in ``decode_warnings``; their
-frames are copied to the GPU, so callers see one type.
+Never a wrong frame: the decoder runs in zero-latency mode, one picture back per packet fed, in
+the order fed, and a packet that gives anything but one picture fails the file. Files NVDEC is
+not given (codecs other than H.264 / HEVC / VP9 / AV1, anything but 8-bit 4:2:0) and files it
+fails on (a decoder error, a packet the index lacks, a wanted frame outside its GOP, an unexpected
+surface) are decoded on the CPU, with the reason in ``decode_warnings``; their frames are copied
+to the GPU, so callers see one type. Each thread has its own decoder: the runner prepares
+GPU-decoded videos on threads of its own process, which share the model's CUDA context.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from qscore.media.video import VideoReader
+from qscore.media.video import VideoReader, _PacketIndex
 from qscore.types import MediaError
 
 NVDEC_CODECS = ("h264", "hevc", "vp9", "av1")
@@ -82,24 +85,8 @@ class NvdecReader(VideoReader):
         if self.decoder != "nvdec":
             return None
         try:
-            decoder = _decoder(self.path, self.device)
-            if len(decoder) != self.n_frames:
-                raise MediaError(f"it counts {len(decoder)} frames, the container {self.n_frames}")
-            stamps = self._index.dts
-            if stamps is None:
-                raise MediaError("packets without decode timestamps: its frames could not be checked")
-            frames = decoder.get_batch_frames_by_index(list(positions))
-            if len(frames) != len(positions):
-                raise MediaError(f"{len(frames)} frames for {len(positions)} asked")
-            got = {}
-            for p, frame in zip(positions, frames):
-                if frame.getPTS() != stamps[p]:
-                    raise MediaError(f"frame {p} came stamped {frame.getPTS()}, the index expects {stamps[p]}")
-                got[p] = self._to_rgb(torch.from_dlpack(frame).to(self.device), size)  # no copy on NVDEC
-            # the decoder may reuse its surfaces on the next call: finish reading them first
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-            return got
+            feed = packets_to_feed(self._index, positions)
+            return _session(self.device).decode(self.path, self._index, feed, set(positions), lambda s: self._to_rgb(s, size))
         except Exception as e:  # noqa: BLE001 - any NVDEC problem: this file goes to the CPU
             self.warnings.append(f"GPU decoder failed ({type(e).__name__}: {str(e)[:160]}); decoded on the CPU")
             self.decoder = "pyav"
@@ -157,24 +144,83 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-_DECODERS: dict[Any, Any] = {}  # one PyNvVideoCodec decoder per device and process, reused file to file
+def packets_to_feed(index: _PacketIndex, wanted: list[int]) -> list[int]:
+    """The positions whose packets NVDEC decodes to serve ``wanted``, in decode order: in a GOP
+    that still has a wanted frame to come, the wanted frames and the reference frames (every
+    frame where references are not known, codecs other than H.264); nothing of a GOP once its
+    wanted frames are out, nor of GOPs with none. What the CPU path decodes, as the same pure
+    function of the packet index. MediaError where a wanted frame would not be fed (a leading
+    frame of an open GOP, decoded after the next keyframe)."""
+    keys, want, left = set(index.keys), set(wanted), {}
+    for p in wanted:
+        left.setdefault(index.keyframe_before(p), set()).add(p)
+    feed, gop = [], None
+    for p in index.decode_order:
+        gop = p if p in keys else gop
+        pending = left.get(gop)
+        if pending and (p in want or index.refs is None or index.refs[p]):
+            feed.append(p)
+            pending.discard(p)
+    missed = want.difference(feed)
+    if missed:
+        raise MediaError(f"frames {sorted(missed)[:5]} lie outside the GOP they are shown in")
+    return feed
 
 
-def _decoder(path: str, device: torch.device) -> Any:
-    """A PyNvVideoCodec SimpleDecoder on ``path``: the process's cached one pointed at the new
-    file (NVDEC sessions are slow to create), or a new one."""
-    import PyNvVideoCodec as nvc
+class _Session:
+    """One thread's NVDEC decoder, kept from file to file (sessions are slow to make) while the
+    codec and frame size stay, in zero-latency mode: each packet fed (flagged as a whole
+    picture) gives back its picture at once, in decode order, so the pictures are known by the
+    order they were fed in. PyNvVideoCodec's pictures carry no timestamp on this path (all 0,
+    seen on the H200, 2026-12-04): the check is that each fed packet gives exactly one."""
 
-    cached = _DECODERS.get(device)
-    if cached is not None:
-        try:
-            cached.reconfigure_decoder(path)
-            return cached
-        except Exception:  # noqa: BLE001 - a stream the cached session cannot take: start anew
-            _DECODERS.pop(device, None)
-    decoder = nvc.SimpleDecoder(
-        path, gpu_id=device.index or 0, use_device_memory=True, output_color_type=nvc.OutputColorType.NATIVE
-    )
-    _DECODERS[device] = decoder
-    return decoder
+    def __init__(self, device: torch.device):
+        self.device, self.decoder, self.key = device, None, None
 
+    def decode(self, path: str, index: _PacketIndex, feed: list[int], want: set[int],
+               convert: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``convert``(NV12 surface) for each wanted position, feeding ``feed``'s packets only."""
+        import PyNvVideoCodec as nvc
+
+        demuxer = nvc.CreateDemuxer(filename=path)
+        key = (demuxer.GetNvCodecId(), demuxer.Width(), demuxer.Height())
+        if self.decoder is None or self.key != key:
+            self.decoder, self.key = None, key
+            self.decoder = nvc.CreateDecoder(gpuid=self.device.index or 0, codec=key[0], usedevicememory=True,
+                                             latency=nvc.DisplayDecodeLatencyType.ZERO)
+        todo, got, stream = set(feed), {}, _stream(self.device)
+        for packet in demuxer:
+            if packet.bsl == 0:
+                continue
+            p = index.position(packet.pts, -1)
+            if p < 0:
+                raise MediaError(f"a packet (pts {packet.pts}) is not in the index")
+            if p not in todo:
+                continue
+            packet.decode_flag = int(nvc.VideoPacketFlag.ENDOFPICTURE)
+            pictures = self.decoder.Decode(packet)
+            if len(pictures) != 1:
+                self.decoder = None  # its state is not known any more: a new session next time
+                raise MediaError(f"{len(pictures)} pictures for the packet of frame {p}")
+            todo.discard(p)
+            if p in want:
+                got[p] = convert(torch.from_dlpack(pictures[0]).to(self.device))  # no copy on NVDEC
+                if stream is not None:  # the decoder reuses its surfaces: done reading this one first
+                    stream.synchronize()
+            if not todo:
+                return got
+        raise MediaError(f"the demuxer gave no packet for frames {sorted(todo)[:5]}")
+
+
+_LOCAL = threading.local()  # each preparing thread its own sessions, one per device
+
+
+def _session(device: torch.device) -> _Session:
+    sessions = _LOCAL.__dict__.setdefault("sessions", {})
+    if device not in sessions:
+        sessions[device] = _Session(device)
+    return sessions[device]
+
+
+def _stream(device: torch.device) -> Any:
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None

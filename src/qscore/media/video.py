@@ -55,9 +55,9 @@ def configure(decoder: str, threads: int, worker_id: int | None = None) -> Decod
 
 def pick_decoder(choice: str, device_type: str) -> str:
     """``--decoder`` auto | cpu | gpu -> "cpu" or "gpu". auto takes the CPU decoder: on the H200
-    (docs/benchmarks.md, 2026-12-04) NVDEC through PyNvVideoCodec decoded ~150 frames of a 720p
-    clip to serve Q-CLIP's 8 and ran the runner at half the CPU decoder's videos/s. gpu raises
-    UsageError where PyNvVideoCodec or CUDA is missing."""
+    (docs/benchmarks.md, 2026-12-04) the runner with NVDEC was level with it or slower (Q-CLIP
+    25.2 against 25.8 videos/s at 720p, MVQA-tiny 18.5 against 25.4) and faster only for CLiF-VQA
+    (19.0 against 17.2). gpu raises UsageError where PyNvVideoCodec or CUDA is missing."""
     from qscore.media import nvdec
 
     if choice not in ("auto", "cpu", "gpu"):
@@ -337,20 +337,18 @@ class _PacketIndex:
     (H.264) which positions are reference frames. Built by demuxing (no decoding), so counts are
     exact."""
 
-    def __init__(self, pts: list[int], keys: list[int], refs: dict[int, bool] | None = None, dts: list | None = None):
+    def __init__(self, pts: list[int], keys: list[int], refs: dict[int, bool] | None = None):
+        """``pts``: the packets' timestamps in demux (decode) order; ``keys``: the keyframes'."""
         self.pts = sorted(pts)
-        # NVDEC stamps the frame at position p with the p-th decode timestamp (the parser hands
-        # packet timestamps out in display order): the key to check its frames by
-        self.dts = sorted(dts) if dts and None not in dts and len(dts) == len(pts) else None
         self._position = {p: i for i, p in enumerate(self.pts)}
         self.keys = sorted({self._position[k] for k in keys}) or [0]
         self.n_frames = len(self.pts)
         self.refs = [refs.get(p, True) for p in self.pts] if refs is not None else None
+        self.decode_order = [self._position[p] for p in pts]  # positions as the packets come
 
     @classmethod
     def build(cls, container: Any, stream: Any, warnings: list[str]) -> _PacketIndex:
         pts: list[int] = []
-        dts: list[int | None] = []
         keys: list[int] = []
         is_ref = _reference_test(stream.codec_context)
         refs: dict[int, bool] | None = {} if is_ref else None
@@ -362,7 +360,6 @@ class _PacketIndex:
                 p = packet.pts if packet.pts is not None else packet.dts
                 p = p if p is not None else len(pts)
                 pts.append(p)
-                dts.append(packet.dts)
                 if packet.is_keyframe:
                     keys.append(p)
                 if refs is not None:
@@ -371,7 +368,7 @@ class _PacketIndex:
             warnings.append(f"container damaged after {len(pts)} frames ({_av_reason(e)})")
         if stream.frames and stream.frames > len(pts):
             warnings.append(f"the header promises {stream.frames} frames but the file holds {len(pts)} (truncated?)")
-        return cls(pts, keys, refs, dts)
+        return cls(pts, keys, refs)
 
     def keyframe_before(self, position: int) -> int:
         return self.keys[max(0, bisect.bisect_right(self.keys, position) - 1)]
